@@ -1,0 +1,1 @@
+"""History: per-scope conversation history, the merge consumer, undo and erasure."""

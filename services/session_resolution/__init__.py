@@ -1,0 +1,1 @@
+"""Session resolution: who a widget visitor is (anonymous, unverified, verified)."""

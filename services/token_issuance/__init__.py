@@ -1,0 +1,1 @@
+"""Token issuance: orgs, API keys, signing keys and authenticated contact tokens."""

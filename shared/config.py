@@ -1,0 +1,196 @@
+"""Typed settings read once from environment variables and validated at start-up.
+
+A wrong value stops the process with one line naming the variable (``ConfigError``), never a
+traceback from deep inside a driver.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from shared.errors import ConfigError
+
+T = TypeVar("T")
+
+_PG_SCHEMES = ("postgres", "postgresql")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """Requests per minute; org policy may override each, these are the operator defaults."""
+
+    authenticate_per_key: int = 600
+    sessions_per_ip: int = 300
+    sessions_per_widget_token: int = 6000
+    sessions_per_visitor: int = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str
+    redis_url: str
+    port: int = 8080
+    host: str = "0.0.0.0"
+    admin_token: str | None = None
+    # 32 raw bytes; wraps every org's private signing key at rest (AES-GCM).
+    key_encryption_key: bytes | None = None
+    token_issuer: str = "widget-identity"
+    token_audience: str = "widget-identity:widget"
+    stream_prefix: str = "wi:"
+    log_level: str = "INFO"
+    log_json: bool = True
+    # SIGTERM: readiness turns 503 at once; in-flight work gets this long to finish.
+    shutdown_timeout: float = 25.0
+    drain_delay: float = 0.0
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+    db_command_timeout: float = 10.0
+    redis_socket_timeout: float = 5.0
+    redis_max_connections: int = 64
+    relay_enabled: bool = True
+    relay_batch: int = 500
+    consumer_batch: int = 100
+    consumer_block_ms: int = 2000
+    consumer_claim_idle_ms: int = 30_000
+    consumer_max_deliveries: int = 5
+    consumer_concurrency: int = 8
+    max_body_bytes: int = 64 * 1024
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+
+    @property
+    def events_stream(self) -> str:
+        return f"{self.stream_prefix}events"
+
+    def dead_letter_stream(self, group: str) -> str:
+        return f"{self.stream_prefix}events:dlq:{group}"
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        settings = cls(
+            database_url=reader.url("DATABASE_URL", _PG_SCHEMES),
+            redis_url=reader.url("REDIS_URL", _REDIS_SCHEMES),
+            port=reader.get("PORT", int, 8080, check=lambda v: 0 <= v <= 65535),
+            host=reader.get("HOST", str, "0.0.0.0"),
+            admin_token=reader.optional_secret("ADMIN_TOKEN", min_length=16),
+            key_encryption_key=reader.key("KEY_ENCRYPTION_KEY"),
+            token_issuer=reader.get("TOKEN_ISSUER", str, "widget-identity", check=bool),
+            token_audience=reader.get("TOKEN_AUDIENCE", str, "widget-identity:widget", check=bool),
+            stream_prefix=reader.get("STREAM_PREFIX", str, "wi:"),
+            log_level=reader.get(
+                "LOG_LEVEL",
+                str.upper,
+                "INFO",
+                check=lambda v: v in {"DEBUG", "INFO", "WARNING", "ERROR"},
+            ),
+            log_json=reader.get("LOG_JSON", _boolean, True),
+            shutdown_timeout=reader.get("SHUTDOWN_TIMEOUT", float, 25.0, check=_positive),
+            drain_delay=reader.get("DRAIN_DELAY", float, 0.0, check=lambda v: v >= 0),
+            db_pool_min=reader.get("DB_POOL_MIN", int, 1, check=lambda v: v >= 0),
+            db_pool_max=reader.get("DB_POOL_MAX", int, 10, check=_positive),
+            redis_max_connections=reader.get("REDIS_MAX_CONNECTIONS", int, 64, check=_positive),
+            relay_enabled=reader.get("RELAY_ENABLED", _boolean, True),
+            consumer_max_deliveries=reader.get("CONSUMER_MAX_DELIVERIES", int, 5, check=_positive),
+            consumer_claim_idle_ms=reader.get(
+                "CONSUMER_CLAIM_IDLE_MS", int, 30_000, check=_positive
+            ),
+            max_body_bytes=reader.get("MAX_BODY_BYTES", int, 64 * 1024, check=_positive),
+            rate_limits=RateLimits(
+                authenticate_per_key=reader.get(
+                    "RATE_AUTHENTICATE_PER_KEY", int, 600, check=_positive
+                ),
+                sessions_per_ip=reader.get("RATE_SESSIONS_PER_IP", int, 300, check=_positive),
+                sessions_per_widget_token=reader.get(
+                    "RATE_SESSIONS_PER_WIDGET_TOKEN", int, 6000, check=_positive
+                ),
+                sessions_per_visitor=reader.get(
+                    "RATE_SESSIONS_PER_VISITOR", int, 60, check=_positive
+                ),
+            ),
+        )
+        if settings.db_pool_min > settings.db_pool_max:
+            raise ConfigError("DB_POOL_MIN: must not exceed DB_POOL_MAX")
+        return settings
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected true or false")
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def get(
+        self,
+        name: str,
+        parse: Callable[[str], T],
+        default: T,
+        *,
+        check: Callable[[T], object] | None = None,
+    ) -> T:
+        raw = self._env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: cannot parse {raw!r} ({exc})") from None
+        if check is not None and not check(value):
+            raise ConfigError(f"{name}: {raw!r} is out of range")
+        return value
+
+    def url(self, name: str, schemes: tuple[str, ...]) -> str:
+        raw = self._env.get(name, "").strip()
+        if not raw:
+            raise ConfigError(f"{name}: not set (expected a {schemes[0]}:// URL)")
+        try:
+            parts = urlsplit(raw)
+            parts.port  # noqa: B018 - evaluating it validates the port number
+        except ValueError as exc:
+            raise ConfigError(f"{name}: malformed URL ({exc})") from None
+        if parts.scheme not in schemes:
+            raise ConfigError(
+                f"{name}: scheme {parts.scheme or '(none)'!r} is not one of {', '.join(schemes)}"
+            )
+        return raw
+
+    def optional_secret(self, name: str, *, min_length: int) -> str | None:
+        raw = self._env.get(name)
+        if not raw:
+            return None
+        if len(raw) < min_length:
+            raise ConfigError(f"{name}: too short (at least {min_length} characters)")
+        return raw
+
+    def key(self, name: str) -> bytes | None:
+        raw = self._env.get(name)
+        if not raw:
+            return None
+        try:
+            key = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{name}: not base64") from None
+        if len(key) != 32:
+            raise ConfigError(f"{name}: must decode to 32 bytes, got {len(key)}")
+        return key

@@ -1,0 +1,311 @@
+"""Consumer groups on Redis Streams: ack after success, reclaim, dead letters, idempotency.
+
+Each message's effect commits in one Postgres transaction together with a row in
+``processed_events``; a redelivered message finds the row and is only acked. Messages of
+one subject are handled in stream order; different subjects run concurrently. A message a
+dead consumer left pending is reclaimed (XAUTOCLAIM) once idle; one that keeps failing goes
+to the group's dead-letter stream after N deliveries, atomically with its ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from shared import db
+from shared.config import Settings
+from shared.events import EVENT_FIELD, AnyEvent, Event, event_decoder, header_decoder
+from shared.lifecycle import sleep_or_stop
+from shared.observability import EVENT_LAG, EVENTS_CONSUMED
+from shared.redis import TRANSIENT_REDIS_ERRORS, as_str
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, asyncpg.Connection], Awaitable[None]]
+"""Applies one event inside the transaction that also records it as processed."""
+
+
+class PoisonMessage(Exception):
+    """The message can never be handled (undecodable); only dead-lettering helps."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    id: bytes
+    raw: bytes | None
+
+
+def default_consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class StreamConsumer:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        *,
+        group: str,
+        handlers: Mapping[type[Event], Handler],
+        consumer_name: str | None = None,
+        stream: str | None = None,
+    ) -> None:
+        if not group:
+            raise ValueError("a consumer needs a group name")
+        self.settings = settings
+        self.pool = pool
+        self.redis = redis
+        self.group = group
+        self.consumer = consumer_name or default_consumer_name()
+        self.stream = stream or settings.events_stream
+        self.dead_letters = settings.dead_letter_stream(group)
+        self._handlers = {cls.type_name(): h for cls, h in handlers.items()}
+        self._semaphore = asyncio.Semaphore(settings.consumer_concurrency)
+        self._claim_cursor = b"0-0"
+        self._next_claim = 0.0
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                await self.ensure_group()
+                # Our own pending entries first (a restart under the same name).
+                await self._handle(await self._read("0"))
+                while not stop.is_set():
+                    handled = await self.poll_once()
+                    if not handled:
+                        await asyncio.sleep(0)
+                backoff = 0.5
+            except (*db.TRANSIENT_DB_ERRORS, *TRANSIENT_REDIS_ERRORS) as exc:
+                log.warning(
+                    "consumer interrupted; retrying",
+                    extra={"group": self.group, "error": repr(exc)},
+                )
+                await sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, 10.0)
+            except redis.exceptions.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream or group was deleted under us: recreate and carry on.
+                log.warning("consumer group vanished; recreating", extra={"group": self.group})
+
+    async def poll_once(self) -> int:
+        """Reclaim idle messages, then read new ones; return how many were handled."""
+        handled = 0
+        now = time.monotonic()
+        # Reclaiming is a scan of the pending list: do it a few times per idle period, not
+        # on every poll.
+        if now >= self._next_claim:
+            self._next_claim = now + max(0.05, self.settings.consumer_claim_idle_ms / 4000)
+            handled = await self._handle(await self._reclaim())
+        messages = await self._read(
+            ">", block=self.settings.consumer_block_ms if not handled else None
+        )
+        return handled + await self._handle(messages)
+
+    async def _reclaim(self) -> list[_Message]:
+        reply = await self.redis.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self.settings.consumer_claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=self.settings.consumer_batch,
+        )
+        self._claim_cursor = reply[0]
+        return [
+            _Message(mid, fields.get(EVENT_FIELD) if fields else None) for mid, fields in reply[1]
+        ]
+
+    async def _read(self, start: str, *, block: int | None = None) -> list[_Message]:
+        reply = await self.redis.xreadgroup(
+            self.group,
+            self.consumer,
+            {self.stream: start},
+            count=self.settings.consumer_batch,
+            block=block,
+        )
+        messages: list[_Message] = []
+        for _stream, entries in reply or []:
+            for mid, fields in entries:
+                messages.append(_Message(mid, fields.get(EVENT_FIELD) if fields else None))
+        return messages
+
+    async def _handle(self, messages: Sequence[_Message]) -> int:
+        if not messages:
+            return 0
+        # Keep each subject's messages in stream order; subjects run side by side.
+        by_subject: dict[str, list[_Message]] = {}
+        for message in messages:
+            by_subject.setdefault(self._subject_of(message), []).append(message)
+        results = await asyncio.gather(
+            *(self._handle_in_order(msgs) for msgs in by_subject.values())
+        )
+        done = [mid for ids in results for mid in ids]
+        if done:
+            await self.redis.xack(self.stream, self.group, *done)
+        return len(messages)
+
+    @staticmethod
+    def _subject_of(message: _Message) -> str:
+        if message.raw is None:
+            return ""
+        try:
+            return header_decoder.decode(message.raw).subject
+        except msgspec.MsgspecError:
+            return ""
+
+    async def _handle_in_order(self, messages: list[_Message]) -> list[bytes]:
+        done: list[bytes] = []
+        for message in messages:
+            outcome = await self._handle_one(message)
+            if outcome == "retry":
+                # Later messages of this subject must wait for this one: leave them pending
+                # too, to be reclaimed in order.
+                break
+            if outcome == "ack":
+                done.append(message.id)
+        return done
+
+    async def _handle_one(self, message: _Message) -> str:
+        """Return "ack" (done or not ours), "retry" (leave pending) or "dead" (dead-lettered)."""
+        async with self._semaphore:
+            try:
+                event = self._decode(message)
+                if event is None:
+                    EVENTS_CONSUMED.labels(self.group, "skipped").inc()
+                    return "ack"
+                await db.in_transaction(self.pool, lambda conn: self._apply(event, conn))
+                EVENTS_CONSUMED.labels(self.group, "handled").inc()
+                EVENT_LAG.labels(self.group).observe(
+                    max(0.0, (datetime.now(UTC) - event.occurred_at).total_seconds())
+                )
+                return "ack"
+            except (*db.TRANSIENT_DB_ERRORS, *TRANSIENT_REDIS_ERRORS):
+                # Infrastructure, not the message: never dead-letter for this.
+                EVENTS_CONSUMED.labels(self.group, "retry").inc()
+                raise
+            except Exception as exc:
+                EVENTS_CONSUMED.labels(self.group, "failed").inc()
+                return await self._after_failure(message, exc)
+
+    def _decode(self, message: _Message) -> AnyEvent | None:
+        if message.raw is None:
+            raise PoisonMessage(f"message has no {EVENT_FIELD.decode()!r} field")
+        try:
+            header = header_decoder.decode(message.raw)
+            if header.type not in self._handlers:
+                return None
+            return event_decoder.decode(message.raw)
+        except msgspec.MsgspecError as exc:
+            raise PoisonMessage(f"undecodable event: {exc}") from exc
+
+    async def _apply(self, event: AnyEvent, conn: asyncpg.Connection) -> None:
+        first_time = await conn.fetchval(
+            """INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2)
+               ON CONFLICT DO NOTHING RETURNING true""",
+            self.group,
+            uuid.UUID(event.id),
+        )
+        if first_time:
+            await self._handlers[event.type_name()](event, conn)
+
+    async def _after_failure(self, message: _Message, exc: Exception) -> str:
+        pending = await self.redis.xpending_range(
+            self.stream, self.group, min=message.id, max=message.id, count=1
+        )
+        deliveries = int(pending[0]["times_delivered"]) if pending else 1
+        if deliveries < self.settings.consumer_max_deliveries:
+            log.warning(
+                "event failed; will retry",
+                extra={
+                    "group": self.group,
+                    "messageId": as_str(message.id),
+                    "deliveries": deliveries,
+                    "error": repr(exc),
+                },
+            )
+            return "retry"
+        log.error(
+            "event dead-lettered",
+            extra={
+                "group": self.group,
+                "messageId": as_str(message.id),
+                "deliveries": deliveries,
+                "error": repr(exc),
+            },
+        )
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(
+            self.dead_letters,
+            {
+                EVENT_FIELD: message.raw or b"",
+                b"originalId": message.id,
+                b"group": self.group,
+                b"error": repr(exc)[:2000],
+                b"deliveries": str(deliveries),
+                b"failedAt": datetime.now(UTC).isoformat(),
+            },
+        )
+        pipe.xack(self.stream, self.group, message.id)
+        await pipe.execute()
+        EVENTS_CONSUMED.labels(self.group, "dead_lettered").inc()
+        return "dead"
+
+
+async def dead_letters(
+    redis: aioredis.Redis, settings: Settings, group: str, *, count: int = 100
+) -> list[dict[str, str]]:
+    entries = await redis.xrange(settings.dead_letter_stream(group), count=count)
+    return [
+        {"id": as_str(mid), **{as_str(k): as_str(v) for k, v in fields.items()}}
+        for mid, fields in entries
+    ]
+
+
+async def replay_dead_letters(
+    redis: aioredis.Redis, settings: Settings, group: str, *, count: int | None = None
+) -> int:
+    """Put dead letters back on the events stream (same event ids, so consumers that already
+    applied them skip them) and remove them from the dead-letter stream, one atomically."""
+    stream = settings.dead_letter_stream(group)
+    replayed = 0
+    started = time.monotonic()
+    while count is None or replayed < count:
+        batch = await redis.xrange(stream, count=min(100, (count or 100) - replayed) or 100)
+        if not batch:
+            break
+        for mid, fields in batch:
+            pipe = redis.pipeline(transaction=True)
+            pipe.xadd(settings.events_stream, {EVENT_FIELD: fields.get(EVENT_FIELD, b"")})
+            pipe.xdel(stream, mid)
+            await pipe.execute()
+            replayed += 1
+            if count is not None and replayed >= count:
+                break
+    log.info(
+        "replayed dead letters",
+        extra={"group": group, "count": replayed, "seconds": time.monotonic() - started},
+    )
+    return replayed

@@ -1,0 +1,127 @@
+"""The asyncpg pool: how it is opened, closed and configured, and which errors mean "down"."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+from aiohttp import web
+
+from shared.config import Settings
+from shared.errors import ConfigError
+
+Pool = asyncpg.Pool
+Connection = asyncpg.Connection
+
+DB_POOL: web.AppKey[asyncpg.Pool] = web.AppKey("db_pool", asyncpg.Pool)
+
+# Errors that mean "the database is not reachable right now", as opposed to a bug or bad
+# data: these become 503 db_unavailable with Retry-After, and consumers retry them.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+)
+
+
+def _encode_json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb columns come back as Python objects and go in from them, via msgspec.
+    await conn.set_type_codec(
+        "jsonb", encoder=_encode_json, decoder=msgspec.json.decode, schema="pg_catalog"
+    )
+
+
+async def create_pool(settings: Settings, *, min_size: int | None = None) -> asyncpg.Pool:
+    try:
+        pool = await asyncpg.create_pool(
+            settings.database_url,
+            min_size=settings.db_pool_min if min_size is None else min_size,
+            max_size=settings.db_pool_max,
+            command_timeout=settings.db_command_timeout,
+            init=_init_connection,
+            # A dead server must not hang start-up or a request forever.
+            timeout=10,
+        )
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        raise ConfigError(f"DATABASE_URL: cannot connect ({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:  # asyncpg's DSN parser
+        raise ConfigError(f"DATABASE_URL: malformed ({exc})") from None
+    assert pool is not None
+    return pool
+
+
+async def connect(settings: Settings) -> asyncpg.Connection:
+    """One dedicated connection (migrations, LISTEN, advisory-lock holders)."""
+    try:
+        conn: asyncpg.Connection = await asyncpg.connect(settings.database_url, timeout=10)
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        raise ConfigError(f"DATABASE_URL: cannot connect ({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:
+        raise ConfigError(f"DATABASE_URL: malformed ({exc})") from None
+    await _init_connection(conn)
+    return conn
+
+
+def pool_context(settings: Settings) -> Any:
+    """An aiohttp cleanup context that opens the pool at start-up and closes it last."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        pool = await create_pool(settings)
+        app[DB_POOL] = pool
+        yield
+        # Give borrowers a bounded time to return connections, then cut them off.
+        try:
+            await asyncio.wait_for(pool.close(), timeout=settings.shutdown_timeout)
+        except TimeoutError:
+            pool.terminate()
+
+    return ctx
+
+
+async def ping(pool: asyncpg.Pool) -> None:
+    async with pool.acquire(timeout=2) as conn:
+        await conn.fetchval("SELECT 1", timeout=2)
+
+
+R = TypeVar("R")
+
+# Worth retrying at once: the transaction lost a race, the database is fine.
+RETRYABLE_TX_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+)
+
+
+async def in_transaction(
+    pool: asyncpg.Pool,
+    work: Callable[[asyncpg.Connection], Awaitable[R]],
+    *,
+    attempts: int = 5,
+    isolation: str = "read_committed",
+) -> R:
+    """Run ``work`` in a transaction, retrying serialization failures and deadlocks with
+    jittered backoff (concurrent merges into one contact race by design)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            async with pool.acquire() as conn, conn.transaction(isolation=isolation):
+                return await work(conn)
+        except RETRYABLE_TX_ERRORS:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))
+    raise AssertionError("unreachable")

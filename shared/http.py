@@ -1,0 +1,225 @@
+"""HTTP plumbing every service shares: the base app, middlewares, body decoding, responses.
+
+``base_app`` builds an aiohttp application with no I/O; the Postgres pool and the Redis
+client open in cleanup contexts. Services then add their routes in their own ``app.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from shared import db
+from shared import redis as redis_mod
+from shared.config import Settings
+from shared.errors import Problem, unavailable, validation_failed
+from shared.observability import HTTP_IN_FLIGHT, HTTP_LATENCY, HTTP_REQUESTS, request_id_var
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+PROBLEM_JSON = "application/problem+json"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass
+class Readiness:
+    """What /readyz reports: draining after SIGTERM, else every dependency's ping."""
+
+    draining: bool = False
+    checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness", Readiness)
+SERVICE_NAME: web.AppKey[str] = web.AppKey("service_name", str)
+
+
+def json_response(
+    body: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=_encoder.encode(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def problem_response(problem: Problem, request: web.Request | None = None) -> web.Response:
+    return web.Response(
+        body=_encoder.encode(problem.body(request.path if request is not None else None)),
+        status=problem.status,
+        content_type=PROBLEM_JSON,
+        headers=problem.headers,
+    )
+
+
+async def decode_body(request: web.Request, decoder: msgspec.json.Decoder[T]) -> T:
+    """Read and validate a JSON body; every way it can be wrong is a 4xx problem."""
+    if request.content_type != "application/json":
+        raise Problem(415, "unsupported_media_type", "the body must be application/json")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(request) from None
+    if not raw:
+        raise validation_failed("the body is empty; a JSON object is required")
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise validation_failed(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise Problem(400, "malformed_json", f"the body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise validation_failed("the body is nested too deeply") from None
+
+
+def _too_large(request: web.Request) -> Problem:
+    return Problem(
+        413,
+        "payload_too_large",
+        f"the body exceeds {request.app[SETTINGS].max_body_bytes} bytes",
+    )
+
+
+def bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def parse_uuid(raw: str, what: str) -> str:
+    """Path ids that are not UUIDs are simply not found (no 500 from the driver)."""
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise Problem(404, "not_found", f"{what} not found") from None
+
+
+@web.middleware
+async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(8)
+    token = request_id_var.set(request_id)
+    route = request.match_info.route.resource
+    route_name = route.canonical if route is not None else "unmatched"
+    started = time.perf_counter()
+    status = 500
+    HTTP_IN_FLIGHT.inc()
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["X-Request-Id"] = request_id
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        HTTP_IN_FLIGHT.dec()
+        HTTP_LATENCY.labels(request.method, route_name).observe(time.perf_counter() - started)
+        HTTP_REQUESTS.labels(request.method, route_name, str(status)).inc()
+        request_id_var.reset(token)
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place where exceptions become problem+json; nothing leaks a traceback."""
+    try:
+        return await handler(request)
+    except Problem as problem:
+        return problem_response(problem, request)
+    except web.HTTPRequestEntityTooLarge:
+        return problem_response(_too_large(request), request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        problem = Problem(exc.status, code, exc.reason)
+        if exc.status == 405 and "Allow" in exc.headers:
+            problem.headers["Allow"] = exc.headers["Allow"]
+        return problem_response(problem, request)
+    except db.TRANSIENT_DB_ERRORS:
+        log.warning("database unavailable", exc_info=True)
+        return problem_response(
+            unavailable("db_unavailable", "the database is unavailable"), request
+        )
+    except redis_mod.TRANSIENT_REDIS_ERRORS:
+        log.warning("redis unavailable", exc_info=True)
+        return problem_response(
+            unavailable("redis_unavailable", "the event store is unavailable"), request
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error")
+        return problem_response(
+            Problem(500, "internal_error", "an internal error occurred"), request
+        )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    readiness = request.app[READINESS]
+    if readiness.draining:
+        return json_response({"status": "draining"}, status=503)
+    names = list(readiness.checks)
+    results = await asyncio.gather(
+        *(asyncio.wait_for(readiness.checks[n](), timeout=2.5) for n in names),
+        return_exceptions=True,
+    )
+    failed = {
+        n: type(r).__name__
+        for n, r in zip(names, results, strict=True)
+        if isinstance(r, BaseException)
+    }
+    if failed:
+        return json_response({"status": "unavailable", "failed": failed}, status=503)
+    return json_response({"status": "ready", "checks": names})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def base_app(settings: Settings, *, name: str) -> web.Application:
+    """The application every service starts from: middlewares, probes, pools. No I/O here."""
+    app = web.Application(
+        middlewares=[request_context_middleware, problem_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    readiness = Readiness()
+    app[READINESS] = readiness
+    # Registered first so they close last, after consumers and handlers have finished.
+    app.cleanup_ctx.append(db.pool_context(settings))
+    app.cleanup_ctx.append(redis_mod.redis_context(settings))
+
+    async def register_checks(app: web.Application) -> None:
+        readiness.checks["postgres"] = lambda: db.ping(app[db.DB_POOL])
+        readiness.checks["redis"] = lambda: redis_mod.ping(app[redis_mod.REDIS])
+
+    app.on_startup.append(register_checks)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app[SERVICE_NAME] = name
+    return app

@@ -1,0 +1,19 @@
+"""What every service process is made of, before the service adds its own routes."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from shared.config import Settings
+from shared.http import base_app
+from shared.outbox import OUTBOX, Outbox, add_relay
+
+
+def service_app(settings: Settings, *, name: str) -> web.Application:
+    """Base HTTP app (probes, metrics, errors, pools) plus the outbox and, unless disabled,
+    the outbox relay. Builds objects only; every connection opens at start-up."""
+    app = base_app(settings, name=name)
+    app[OUTBOX] = Outbox(settings.events_stream)
+    if settings.relay_enabled:
+        add_relay(app)
+    return app
