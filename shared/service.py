@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from shared.auth import API_KEYS, ApiKeyAuthenticator
 from shared.config import Settings
 from shared.http import base_app
 from shared.outbox import OUTBOX, Outbox, add_relay
@@ -14,6 +15,7 @@ def service_app(settings: Settings, *, name: str) -> web.Application:
     the outbox relay. Builds objects only; every connection opens at start-up."""
     app = base_app(settings, name=name)
     app[OUTBOX] = Outbox(settings.events_stream)
+    app[API_KEYS] = ApiKeyAuthenticator()
     if settings.relay_enabled:
         add_relay(app)
     return app

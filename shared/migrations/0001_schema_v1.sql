@@ -1,4 +1,7 @@
--- Schema v1 for the whole product. Every table that holds org data carries org_id and every
+-- Schema v1 for the whole product. Ownership: token issuance writes orgs, api_keys,
+-- widget_tokens, signing_keys, contacts; session resolution writes visitors, device_bindings,
+-- sessions; history writes conversations, messages, merges. The bus tables are shared.
+-- Every table that holds org data carries org_id and every
 -- lookup key is unique *per org* (promise 8). Unique columns are NOT NULL (an empty string
 -- stands for "none") so no NULL can slip past a unique constraint.
 
@@ -121,6 +124,13 @@ CREATE TABLE sessions (
 CREATE INDEX sessions_visitor ON sessions (visitor_id);
 CREATE INDEX sessions_contact ON sessions (contact_id) WHERE contact_id IS NOT NULL;
 
+-- The session service's published read model: what other services (history) may read about
+-- a session. They depend on this view, never on the table's columns directly.
+CREATE VIEW session_scopes AS
+    SELECT id AS session_id, org_id, visitor_id, level, contact_id, external_id,
+           external_id_verified, created_at, expires_at, ended_at
+    FROM sessions;
+
 -- A conversation belongs to exactly one scope at a time: a visitor (browser-bound) or a
 -- contact + externalId (verified). Merges re-point the scope; nothing is copied.
 CREATE TABLE conversations (
@@ -178,9 +188,7 @@ CREATE TABLE merges (
     CHECK (reason = 'login' OR source_contact_id IS NOT NULL)
 );
 CREATE INDEX merges_target ON merges (org_id, target_contact_id);
--- A browser's history merges into one contact scope at most once (until undone).
-CREATE UNIQUE INDEX merges_login_once ON merges (source_visitor_id, target_contact_id, target_external_id)
-    WHERE reason = 'login' AND status <> 'undone';
+CREATE INDEX merges_source_visitor ON merges (source_visitor_id) WHERE source_visitor_id IS NOT NULL;
 
 -- Transactional outbox: the event row commits with the state change; the relay publishes it.
 CREATE TABLE outbox (

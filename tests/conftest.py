@@ -1,0 +1,114 @@
+"""Test session plumbing: private Postgres and Redis, a fresh database per test, settings.
+
+With TEST_DATABASE_URL and TEST_REDIS_URL set, those servers are used instead of starting
+private ones. Every test gets its own database (cloned from a migrated template) and its own
+stream prefix, so tests run in any order and never see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from shared import migrate
+from shared.config import RateLimits, Settings
+from shared.devstack import DevServers, dev_servers
+
+ADMIN_TOKEN = "test-admin-token-" + "x" * 16
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[DevServers]:
+    db_url, redis_url = os.environ.get("TEST_DATABASE_URL"), os.environ.get("TEST_REDIS_URL")
+    if db_url and redis_url:
+        yield DevServers(database_url=db_url, redis_url=redis_url)
+        return
+    with dev_servers(None, log=lambda line: None) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+async def template_database(servers: DevServers) -> AsyncIterator[str]:
+    """A database with every migration applied, cloned for each test (fast, isolated)."""
+    name = f"wi_template_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(servers.database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        conn = await asyncpg.connect(with_database(servers.database_url, name))
+        try:
+            await migrate.migrate(conn)
+        finally:
+            await conn.close()
+        yield name
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def database_url(servers: DevServers, template_database: str) -> AsyncIterator[str]:
+    name = f"wi_test_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(servers.database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        yield with_database(servers.database_url, name)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def settings(database_url: str, servers: DevServers) -> Settings:
+    """Settings for one test: its own database and stream names, fast consumer timings,
+    and rate limits high enough that only tests about rate limiting meet them."""
+    return Settings(
+        database_url=database_url,
+        redis_url=servers.redis_url,
+        admin_token=ADMIN_TOKEN,
+        key_encryption_key=secrets.token_bytes(32),
+        stream_prefix=f"wi:t:{uuid.uuid4().hex[:12]}:",
+        log_json=False,
+        shutdown_timeout=5.0,
+        consumer_block_ms=100,
+        consumer_claim_idle_ms=300,
+        rate_limits=RateLimits(
+            authenticate_per_key=100_000,
+            sessions_per_ip=100_000,
+            sessions_per_widget_token=100_000,
+            sessions_per_visitor=100_000,
+        ),
+    )
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    from shared.db import create_pool
+
+    created = await create_pool(settings)
+    yield created
+    await created.close()
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    from shared.redis import create_redis
+
+    client = create_redis(settings)
+    yield client
+    # Remove this test's streams so a long session does not accumulate them.
+    keys = [k async for k in client.scan_iter(match=settings.stream_prefix + "*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()

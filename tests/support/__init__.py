@@ -1,0 +1,1 @@
+"""Helpers the integration tests share: a real HTTP server, polling, fixtures' plumbing."""
