@@ -1,0 +1,438 @@
+"""Promise 9: nothing is lost between Postgres and Redis, and nothing is applied twice.
+
+State changes commit together with an outbox row; the relay publishes it; consumers apply
+each event exactly once, in order per subject, and park poison messages in a dead-letter
+stream after N deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from shared.config import Settings
+from shared.consumer import StreamConsumer, dead_letters, replay_dead_letters
+from shared.events import EVENT_FIELD, VisitorCreated, VisitorCreatedData
+from shared.outbox import Outbox, OutboxRelay
+from tests.support.bus_worker import GROUP, effect_handler
+from tests.support.server import eventually
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+async def effects(pool: asyncpg.Pool) -> asyncpg.Pool:
+    await pool.execute(
+        "CREATE TABLE bus_effects (event_id uuid NOT NULL, subject text NOT NULL, seq bigint NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    )
+    return pool
+
+
+async def emit_visitor_events(
+    pool: asyncpg.Pool, settings: Settings, subjects: list[str]
+) -> list[str]:
+    outbox = Outbox(settings.events_stream)
+    ids: list[str] = []
+    async with pool.acquire() as conn, conn.transaction():
+        for subject in subjects:
+            event = await outbox.emit(
+                conn,
+                VisitorCreated,
+                org_id=str(uuid.uuid4()),
+                subject=subject,
+                data=VisitorCreatedData(visitor_id=subject, widget_token_id="w"),
+            )
+            ids.append(event.id)
+    return ids
+
+
+@asynccontextmanager
+async def background(run: Callable[[asyncio.Event], Awaitable[None]]) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+def relay(settings: Settings, redis: aioredis.Redis) -> OutboxRelay:
+    return OutboxRelay(settings, redis, poll_interval=0.1)
+
+
+async def stream_events(redis: aioredis.Redis, settings: Settings) -> list[dict[str, Any]]:
+    entries = await redis.xrange(settings.events_stream)
+    return [msgspec.json.decode(fields[EVENT_FIELD]) for _id, fields in entries]
+
+
+async def test_event_commits_with_its_state_change_or_not_at_all(
+    settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    outbox = Outbox(settings.events_stream)
+    with pytest.raises(RuntimeError):  # outside a transaction it could outlive a rollback
+        async with pool.acquire() as conn:
+            await outbox.emit(
+                conn,
+                VisitorCreated,
+                org_id="o",
+                subject="s",
+                data=VisitorCreatedData(visitor_id="v", widget_token_id="w"),
+            )
+    with pytest.raises(ZeroDivisionError):
+        async with pool.acquire() as conn, conn.transaction():
+            await outbox.emit(
+                conn,
+                VisitorCreated,
+                org_id="o",
+                subject="s",
+                data=VisitorCreatedData(visitor_id="v", widget_token_id="w"),
+            )
+            _ = 1 / 0
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+
+    committed = await emit_visitor_events(pool, settings, ["visitor-1"])
+    async with background(relay(settings, redis).run):
+
+        async def published() -> bool:
+            return len(await stream_events(redis, settings)) == 1
+
+        await eventually(published)
+    [event] = await stream_events(redis, settings)
+    # Readable by any language with a plain Redis client: one JSON field, camelCase envelope.
+    assert event["id"] == committed[0]
+    assert event["type"] == "visitor.created"
+    assert {
+        "id",
+        "type",
+        "version",
+        "orgId",
+        "subject",
+        "seq",
+        "occurredAt",
+        "traceparent",
+        "data",
+    } <= set(event)
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+
+
+async def test_sequence_numbers_are_per_subject_and_gapless(
+    settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    await emit_visitor_events(pool, settings, ["a", "b", "a", "a", "b"])
+    async with background(relay(settings, redis).run):
+
+        async def published() -> bool:
+            return len(await stream_events(redis, settings)) == 5
+
+        await eventually(published)
+    events = await stream_events(redis, settings)
+    assert [(e["subject"], e["seq"]) for e in events] == [
+        ("a", 1),
+        ("b", 1),
+        ("a", 2),
+        ("a", 3),
+        ("b", 2),
+    ]
+
+
+async def test_process_killed_between_commit_and_publish_still_gets_its_event_published(
+    settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    # A child process commits a state change with its event, then dies by SIGKILL before any
+    # relay could publish it.
+    script = (
+        "import asyncio, os, signal, asyncpg\n"
+        "from shared.outbox import Outbox\n"
+        "from shared.events import VisitorCreated, VisitorCreatedData\n"
+        "async def main():\n"
+        "    conn = await asyncpg.connect(os.environ['DATABASE_URL'])\n"
+        "    async with conn.transaction():\n"
+        '        await conn.execute("CREATE TABLE state_change (id int)")\n'
+        "        await Outbox(os.environ['STREAM']).emit(conn, VisitorCreated, org_id='o', subject='doomed',"
+        " data=VisitorCreatedData(visitor_id='doomed', widget_token_id='w'))\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, "DATABASE_URL": settings.database_url, "STREAM": settings.events_stream}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert await pool.fetchval("SELECT to_regclass('state_change') IS NOT NULL")
+    assert await redis.xlen(settings.events_stream) == 0
+
+    async with background(relay(settings, redis).run):
+
+        async def published() -> bool:
+            return [e["subject"] for e in await stream_events(redis, settings)] == ["doomed"]
+
+        await eventually(published)
+
+
+async def test_only_one_relay_publishes_at_a_time(
+    settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    await emit_visitor_events(pool, settings, [f"s{i}" for i in range(300)])
+    async with background(relay(settings, redis).run), background(relay(settings, redis).run):
+
+        async def published() -> bool:
+            return await redis.xlen(settings.events_stream) >= 300
+
+        await eventually(published)
+        await asyncio.sleep(0.3)
+    assert await redis.xlen(settings.events_stream) == 300
+
+
+async def pending(redis: aioredis.Redis, settings: Settings) -> int:
+    """Unacked messages of the test group; -1 before the consumer has created the group."""
+    groups = await redis.xinfo_groups(settings.events_stream)
+    return next((int(g["pending"]) for g in groups if g["name"] == GROUP.encode()), -1)
+
+
+def consumer(
+    settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis, handler: Any, **overrides: Any
+) -> StreamConsumer:
+    return StreamConsumer(
+        settings.with_overrides(**overrides) if overrides else settings,
+        pool,
+        redis,
+        group=GROUP,
+        consumer_name=f"c-{uuid.uuid4().hex[:6]}",
+        handlers={VisitorCreated: handler},
+    )
+
+
+async def publish_all(
+    settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis, n: int
+) -> None:
+    async with background(relay(settings, redis).run):
+
+        async def published() -> bool:
+            return await redis.xlen(settings.events_stream) >= n
+
+        await eventually(published, timeout=60)
+
+
+async def test_a_redelivered_event_is_applied_once(
+    settings: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    await emit_visitor_events(effects, settings, ["x"])
+    await publish_all(settings, effects, redis, 1)
+    # The relay crashed after XADD but before marking the row: the same event is published again.
+    [(_, fields)] = await redis.xrange(settings.events_stream)
+    await redis.xadd(settings.events_stream, {EVENT_FIELD: fields[EVENT_FIELD]})
+
+    async with background(consumer(settings, effects, redis, effect_handler(0)).run):
+
+        async def all_acked() -> bool:
+            groups = await redis.xinfo_groups(settings.events_stream)
+            return any(g["pending"] == 0 and g["entries-read"] == 2 for g in groups)
+
+        await eventually(all_acked)
+    assert await effects.fetchval("SELECT count(*) FROM bus_effects") == 1
+
+
+async def test_poison_message_is_dead_lettered_after_n_deliveries_while_others_flow(
+    settings: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    bad_subject = "poison"
+
+    async def handler(event: VisitorCreated, conn: asyncpg.Connection) -> None:
+        if event.subject == bad_subject:
+            raise ValueError("this event can never be applied")
+        await effect_handler(0)(event, conn)
+
+    await redis.xadd(settings.events_stream, {EVENT_FIELD: b"{not json"})  # undecodable
+    await emit_visitor_events(effects, settings, ["ok-1", bad_subject, "ok-2", "ok-3"])
+    await publish_all(settings, effects, redis, 5)
+
+    max_deliveries = 3
+    worker = consumer(
+        settings,
+        effects,
+        redis,
+        handler,
+        consumer_max_deliveries=max_deliveries,
+        consumer_claim_idle_ms=50,
+    )
+    async with background(worker.run):
+
+        async def settled() -> bool:
+            return (
+                await pending(redis, settings) == 0 and await redis.xlen(worker.dead_letters) == 2
+            )
+
+        await eventually(settled, timeout=20)
+        await asyncio.sleep(0.3)  # nothing further may arrive
+    letters = await dead_letters(redis, settings, GROUP)
+    assert len(letters) == 2
+    assert {letter["deliveries"] for letter in letters} == {str(max_deliveries)}
+    assert sorted(r["subject"] for r in await effects.fetch("SELECT subject FROM bus_effects")) == [
+        "ok-1",
+        "ok-2",
+        "ok-3",
+    ]
+
+    # Once the bug is fixed, a replay applies the parked event; the garbage stays garbage.
+    bad_subject = "fixed"
+    assert await replay_dead_letters(redis, settings, GROUP) == 2
+    assert await redis.xlen(worker.dead_letters) == 0
+    async with background(
+        consumer(
+            settings,
+            effects,
+            redis,
+            handler,
+            consumer_max_deliveries=max_deliveries,
+            consumer_claim_idle_ms=50,
+        ).run
+    ):
+
+        async def replayed() -> bool:
+            return (
+                await effects.fetchval("SELECT count(*) FROM bus_effects WHERE subject = 'poison'")
+                == 1
+            )
+
+        await eventually(replayed, timeout=20)
+
+        async def garbage_parked_again() -> bool:
+            return await redis.xlen(worker.dead_letters) == 1
+
+        await eventually(garbage_parked_again, timeout=20)
+
+
+async def test_one_consumer_applies_each_subjects_events_in_sequence_order(
+    settings: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    subjects = [f"subject-{i % 4}" for i in range(400)]
+    await emit_visitor_events(effects, settings, subjects)
+    await publish_all(settings, effects, redis, len(subjects))
+    # Subjects run side by side inside a batch; one subject's events never overtake each other.
+    worker = consumer(settings, effects, redis, effect_handler(0), consumer_batch=37)
+    async with background(worker.run):
+
+        async def done() -> bool:
+            return await effects.fetchval("SELECT count(*) FROM bus_effects") == len(subjects)
+
+        await eventually(done, timeout=30)
+    rows = await effects.fetch("SELECT subject, seq FROM bus_effects ORDER BY applied_at")
+    last: dict[str, int] = {}
+    for row in rows:
+        assert row["seq"] == last.get(row["subject"], 0) + 1, (row["subject"], row["seq"])
+        last[row["subject"]] = row["seq"]
+
+
+async def test_many_consumers_converge_to_the_sequential_state_by_sequence_number(
+    settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    # Consumers of one group share the stream, so two of them can hold events of the same
+    # subject at once. Handlers that keep state use the envelope's per-subject seq as a
+    # version: the final state is what sequential application gives, and never goes back.
+    await pool.execute(
+        "CREATE TABLE subject_state (subject text PRIMARY KEY, version bigint NOT NULL, value text NOT NULL)"
+    )
+
+    async def last_writer_by_seq(event: VisitorCreated, conn: asyncpg.Connection) -> None:
+        await conn.execute(
+            """INSERT INTO subject_state (subject, version, value) VALUES ($1, $2, $3)
+               ON CONFLICT (subject) DO UPDATE SET version = excluded.version, value = excluded.value
+               WHERE subject_state.version < excluded.version""",
+            event.subject,
+            event.seq,
+            event.id,
+        )
+
+    ids = await emit_visitor_events(pool, settings, ["contact-1"] * 1000)
+    await publish_all(settings, pool, redis, 1000)
+    workers = [
+        consumer(settings, pool, redis, last_writer_by_seq, consumer_batch=25) for _ in range(4)
+    ]
+    async with (
+        background(workers[0].run),
+        background(workers[1].run),
+        background(workers[2].run),
+        background(workers[3].run),
+    ):
+
+        async def done() -> bool:
+            return (
+                await pending(redis, settings) == 0
+                and await pool.fetchval("SELECT count(*) FROM processed_events") == 1000
+            )
+
+        await eventually(done, timeout=60)
+    row = await pool.fetchrow(
+        "SELECT version, value FROM subject_state WHERE subject = 'contact-1'"
+    )
+    assert (row["version"], row["value"]) == (1000, ids[-1])
+
+
+@pytest.mark.slow
+async def test_consumer_killed_mid_batch_applies_every_event_exactly_once(
+    settings: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    total = 3000
+    await emit_visitor_events(effects, settings, [f"v{i}" for i in range(total)])
+    await publish_all(settings, effects, redis, total)
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "STREAM_PREFIX": settings.stream_prefix,
+        "HANDLER_DELAY_MS": "2",
+        "CLAIM_IDLE_MS": "300",
+        "LOG_JSON": "false",
+        "RELAY_ENABLED": "false",
+    }
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.support.bus_worker"],
+            env={**env, "CONSUMER_NAME": name},
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+
+    for round_ in range(3):
+        victim = start(f"victim-{round_}")
+        try:
+
+            async def some_applied(round_: int = round_) -> bool:
+                count = await effects.fetchval("SELECT count(*) FROM bus_effects")
+                return bool(count > (round_ + 1) * total // 5)
+
+            await eventually(some_applied, timeout=60, interval=0.01)
+        finally:
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+        assert await pending(redis, settings) > 0  # it really died holding unacked messages
+
+    survivor = start("survivor")
+    try:
+
+        async def drained() -> bool:
+            applied = await effects.fetchval("SELECT count(DISTINCT event_id) FROM bus_effects")
+            return await pending(redis, settings) == 0 and applied == total
+
+        await eventually(drained, timeout=120)
+    finally:
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(timeout=30) == 0
+    assert await effects.fetchval("SELECT count(*) FROM bus_effects") == total
+    assert (
+        await effects.fetchval("SELECT count(*) FROM processed_events WHERE consumer = $1", GROUP)
+        == total
+    )
