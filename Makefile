@@ -1,0 +1,50 @@
+# The single entry point: `make run` and `make test` work on a fresh machine with Python 3.11+.
+# Everything installs into a project-local virtualenv (.venv); private Postgres and Redis are
+# started by the commands themselves unless DATABASE_URL/REDIS_URL (TEST_* for tests) are set.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-fast lint format bench clean clean-dev
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## create .venv and install the project with its dev tools
+
+run: $(STAMP) ## serve everything on :8080 (PORT=...), with private Postgres/Redis unless URLs are set
+	$(BIN)/widget-identity dev
+
+test: $(STAMP) ## unit + integration tests, including the slow fault-injection suites
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP) ## the tests without the slow fault-injection suites
+	$(BIN)/python -m pytest -m 'not slow'
+
+lint: $(STAMP) ## ruff, formatting check and mypy --strict
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP) ## the benchmark: throughput and latency next to a floor measured in the same run
+	$(BIN)/python -m bench
+
+clean-dev: ## forget the dev data (private Postgres/Redis data, dev secrets)
+	rm -rf .devdata
+
+clean: clean-dev ## remove the virtualenv and caches too
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,28 @@
+"""A service process with one deliberately slow route, for the graceful-shutdown test."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from shared.config import Settings
+from shared.http import json_response
+from shared.lifecycle import serve
+from shared.service import service_app
+
+
+async def slow(request: web.Request) -> web.Response:
+    await asyncio.sleep(float(request.query.get("seconds", "0.5")))
+    return json_response({"done": True})
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    app = service_app(settings, name="slow-test")
+    app.router.add_get("/slow", slow)
+    serve(app, settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Settings come from the environment and are validated before anything starts."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from shared.config import Settings
+from shared.errors import ConfigError
+
+BASE = {"DATABASE_URL": "postgresql://u@db/wi", "REDIS_URL": "redis://cache:6379/0"}
+
+
+def test_defaults_are_what_the_readme_says() -> None:
+    settings = Settings.from_env(BASE)
+    assert settings.port == 8080
+    assert settings.events_stream == "wi:events"
+    assert settings.dead_letter_stream("history") == "wi:events:dlq:history"
+    assert settings.admin_token is None  # the admin API stays closed until a token is set
+    assert settings.shutdown_timeout == 25.0
+
+
+def test_values_are_parsed_and_typed() -> None:
+    kek = base64.urlsafe_b64encode(b"k" * 32).decode().rstrip("=")
+    settings = Settings.from_env(
+        {
+            **BASE,
+            "PORT": "9000",
+            "KEY_ENCRYPTION_KEY": kek,
+            "RELAY_ENABLED": "false",
+            "LOG_LEVEL": "debug",
+        }
+    )
+    assert (settings.port, settings.relay_enabled, settings.log_level) == (9000, False, "DEBUG")
+    assert settings.key_encryption_key == b"k" * 32
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"DATABASE_URL": ""}, "DATABASE_URL: not set"),
+        ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL: scheme 'mysql'"),
+        ({"DATABASE_URL": "postgresql://h:99999/x"}, "DATABASE_URL: malformed"),
+        ({"REDIS_URL": "cache:6379"}, "REDIS_URL: scheme"),
+        ({"PORT": "70000"}, "PORT: '70000' is out of range"),
+        ({"SHUTDOWN_TIMEOUT": "-1"}, "SHUTDOWN_TIMEOUT"),
+        ({"RELAY_ENABLED": "perhaps"}, "RELAY_ENABLED: cannot parse"),
+        ({"ADMIN_TOKEN": "short"}, "ADMIN_TOKEN: too short"),
+        ({"KEY_ENCRYPTION_KEY": "!!!"}, "KEY_ENCRYPTION_KEY"),
+        ({"DB_POOL_MIN": "20", "DB_POOL_MAX": "5"}, "DB_POOL_MIN: must not exceed DB_POOL_MAX"),
+    ],
+)
+def test_a_bad_variable_is_named_in_one_line(env: dict[str, str], names: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, **env})
+    assert names in str(caught.value)
+    assert "\n" not in str(caught.value)
