@@ -81,7 +81,8 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
                     migration.checksum,
                 )
             log.info(
-                "applied migration", extra={"version": migration.version, "migration": migration.name}
+                "applied migration",
+                extra={"version": migration.version, "migration": migration.name},
             )
             applied_now.append(migration.version)
     finally:
