@@ -114,8 +114,12 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 def _kill_orphan(pid: int, sigs: tuple[signal.Signals, ...], what: str, log: Log) -> None:
     log(f"devstack: stopping {what} (pid {pid}) left running by an earlier run")
     for i, sig in enumerate(sigs):
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            raise DevStackError(f"{what} (pid {pid}) belongs to another user; stop it") from None
         if _wait_gone(pid, _STOP_TIMEOUT if i == 0 else 5.0):
             return
     raise DevStackError(f"could not stop {what} (pid {pid}) left by an earlier run")
@@ -221,12 +225,13 @@ def _run(argv: list[str], run_as: _RunAs, timeout: float = 120.0) -> tuple[int, 
     return proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace")
 
 
-def _tail(path: Path, lines: int = 25) -> str:
+def _log_tail(path: Path, proc: subprocess.Popen[bytes], lines: int = 25) -> str:
+    status = "still starting" if proc.returncode is None else f"exit {proc.returncode}"
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
-        return "(no log)"
-    return "\n".join(text[-lines:])
+        return f"{status}, no log at {path}"
+    return f"{status}; {path} ends with:\n" + "\n".join(text[-lines:])
 
 
 # --- binaries --------------------------------------------------------------------------------
@@ -301,7 +306,7 @@ def _find_postgres(run_as: _RunAs, want_major: int | None, log: Log) -> tuple[Pa
     for bindir in _pg_bindirs():
         real = bindir.resolve()
         if real in seen or not (bindir / "initdb").is_file() or not (bindir / "postgres").is_file():
-            if "PG_BINDIR" in os.environ:
+            if os.environ.get("PG_BINDIR"):
                 raise DevStackError(f"PG_BINDIR={bindir} has no initdb and postgres in it")
             continue
         seen.add(real)
@@ -344,7 +349,9 @@ def _find_redis(log: Log) -> tuple[Path, str]:
         m = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
         if code != 0 or not m:
             if explicit:
-                raise DevStackError(f"REDIS_SERVER={c} does not run: {out.strip()[:200]}")
+                raise DevStackError(
+                    f"REDIS_SERVER={c} is not a working redis-server: {out.strip()[:200]}"
+                )
             continue
         version = tuple(int(x) for x in m.groups())
         if version >= _MIN_REDIS:
@@ -503,19 +510,19 @@ def _start_postgres(
     proc = _spawn(argv, run_as, log_file, signal.SIGINT)
     deadline = time.monotonic() + _START_TIMEOUT
     pidfile, sock = pgdata / "postmaster.pid", sockdir / ".s.PGSQL.5432"
-    while True:
-        # pg_ctl -w's test: the 8th line of postmaster.pid says "ready" once connections work.
-        with contextlib.suppress(OSError):
-            lines = pidfile.read_text().splitlines()
-            if len(lines) >= 8 and lines[7].strip() == "ready" and sock.exists():
-                return proc
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop_child(proc, _PG_STOP)
-            raise DevStackError(
-                f"PostgreSQL did not start (exit {proc.returncode}); "
-                f"{log_file} ends with:\n{_tail(log_file)}"
-            )
-        time.sleep(0.02)
+    try:  # not yet on the caller's exit stack: stop it here on failure or Ctrl-C
+        while True:
+            # pg_ctl -w's test: line 8 of postmaster.pid says "ready" once connections work.
+            with contextlib.suppress(OSError):
+                lines = pidfile.read_text().splitlines()
+                if len(lines) >= 8 and lines[7].strip() == "ready" and sock.exists():
+                    return proc
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise DevStackError(f"PostgreSQL did not start; {_log_tail(log_file, proc)}")
+            time.sleep(0.02)
+    except BaseException:
+        _stop_child(proc, _PG_STOP)
+        raise
 
 
 def _redis_ready(sock: Path) -> bool:
@@ -553,14 +560,14 @@ def _start_redis(
     ]
     proc = _spawn(argv, _RunAs(None, None, ""), log_file, signal.SIGTERM)
     deadline = time.monotonic() + _START_TIMEOUT
-    while not _redis_ready(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop_child(proc, _REDIS_STOP)
-            raise DevStackError(
-                f"Redis did not start (exit {proc.returncode}); "
-                f"{log_file} ends with:\n{_tail(log_file)}"
-            )
-        time.sleep(0.02)
+    try:  # not yet on the caller's exit stack: stop it here on failure or Ctrl-C
+        while not _redis_ready(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise DevStackError(f"Redis did not start; {_log_tail(log_file, proc)}")
+            time.sleep(0.02)
+    except BaseException:
+        _stop_child(proc, _REDIS_STOP)
+        raise
     return proc
 
 
@@ -585,7 +592,7 @@ def dev_servers(
     with contextlib.ExitStack() as stack:
         t0 = time.monotonic()
         if data_dir is not None:
-            data_dir = data_dir.expanduser().absolute()
+            data_dir = data_dir.expanduser().resolve()
             data_dir.mkdir(parents=True, exist_ok=True)
             stack.enter_context(_exclusive(data_dir))
         _sweep(log)
