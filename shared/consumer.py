@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import msgspec
@@ -46,6 +46,15 @@ class PoisonMessage(Exception):
 class _Message:
     id: bytes
     raw: bytes | None
+
+
+# redis-py types stream replies loosely (unions over RESP versions); with bytes responses
+# and RESP2 they are exactly these shapes.
+_Entry = tuple[bytes, dict[bytes, bytes] | None]
+
+
+def _entries(reply: Any) -> list[_Entry]:
+    return cast(list[_Entry], reply or [])
 
 
 def default_consumer_name() -> str:
@@ -133,6 +142,7 @@ class StreamConsumer:
             start_id=self._claim_cursor,
             count=self.settings.consumer_batch,
         )
+        reply = cast(Any, reply)
         self._claim_cursor = reply[0]
         return [
             _Message(mid, fields.get(EVENT_FIELD) if fields else None) for mid, fields in reply[1]
@@ -147,8 +157,8 @@ class StreamConsumer:
             block=block,
         )
         messages: list[_Message] = []
-        for _stream, entries in reply or []:
-            for mid, fields in entries:
+        for _stream, entries in cast(list[tuple[bytes, Any]], reply or []):
+            for mid, fields in _entries(entries):
                 messages.append(_Message(mid, fields.get(EVENT_FIELD) if fields else None))
         return messages
 
@@ -277,9 +287,9 @@ class StreamConsumer:
 async def dead_letters(
     redis: aioredis.Redis, settings: Settings, group: str, *, count: int = 100
 ) -> list[dict[str, str]]:
-    entries = await redis.xrange(settings.dead_letter_stream(group), count=count)
+    entries = _entries(await redis.xrange(settings.dead_letter_stream(group), count=count))
     return [
-        {"id": as_str(mid), **{as_str(k): as_str(v) for k, v in fields.items()}}
+        {"id": as_str(mid), **{as_str(k): as_str(v) for k, v in (fields or {}).items()}}
         for mid, fields in entries
     ]
 
@@ -293,12 +303,14 @@ async def replay_dead_letters(
     replayed = 0
     started = time.monotonic()
     while count is None or replayed < count:
-        batch = await redis.xrange(stream, count=min(100, (count or 100) - replayed) or 100)
+        batch = _entries(
+            await redis.xrange(stream, count=min(100, (count or 100) - replayed) or 100)
+        )
         if not batch:
             break
         for mid, fields in batch:
             pipe = redis.pipeline(transaction=True)
-            pipe.xadd(settings.events_stream, {EVENT_FIELD: fields.get(EVENT_FIELD, b"")})
+            pipe.xadd(settings.events_stream, {EVENT_FIELD: (fields or {}).get(EVENT_FIELD, b"")})
             pipe.xdel(stream, mid)
             await pipe.execute()
             replayed += 1

@@ -46,16 +46,16 @@ class _Data(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     pass
 
 
-class VisitorCreatedData(_Data):
+class VisitorCreatedData(_Data, frozen=True):
     visitor_id: str
     widget_token_id: str
 
 
-class VisitorCreated(Event, tag="visitor.created"):
+class VisitorCreated(Event, frozen=True, tag="visitor.created"):
     data: VisitorCreatedData
 
 
-class SessionResolvedData(_Data):
+class SessionResolvedData(_Data, frozen=True):
     session_id: str
     visitor_id: str
     level: str
@@ -63,11 +63,11 @@ class SessionResolvedData(_Data):
     external_id: str | None = None
 
 
-class SessionResolved(Event, tag="session.resolved"):
+class SessionResolved(Event, frozen=True, tag="session.resolved"):
     data: SessionResolvedData
 
 
-class ContactAuthenticatedData(_Data):
+class ContactAuthenticatedData(_Data, frozen=True):
     contact_id: str
     jti: str
     expires_at: datetime
@@ -77,11 +77,11 @@ class ContactAuthenticatedData(_Data):
     created: bool = False
 
 
-class ContactAuthenticated(Event, tag="contact.authenticated"):
+class ContactAuthenticated(Event, frozen=True, tag="contact.authenticated"):
     data: ContactAuthenticatedData
 
 
-class MergeRequestedData(_Data):
+class MergeRequestedData(_Data, frozen=True):
     merge_id: str
     reason: str  # "login" | "admin"
     target_contact_id: str
@@ -91,46 +91,46 @@ class MergeRequestedData(_Data):
     source_external_id: str = ""
 
 
-class HistoryMergeRequested(Event, tag="history.merge_requested"):
+class HistoryMergeRequested(Event, frozen=True, tag="history.merge_requested"):
     data: MergeRequestedData
 
 
-class MergedData(_Data):
+class MergedData(_Data, frozen=True):
     merge_id: str
     target_contact_id: str
     target_external_id: str
     conversations_moved: int
 
 
-class HistoryMerged(Event, tag="history.merged"):
+class HistoryMerged(Event, frozen=True, tag="history.merged"):
     data: MergedData
 
 
-class MergeUndoneData(_Data):
+class MergeUndoneData(_Data, frozen=True):
     merge_id: str
     conversations_restored: int
 
 
-class HistoryMergeUndone(Event, tag="history.merge_undone"):
+class HistoryMergeUndone(Event, frozen=True, tag="history.merge_undone"):
     data: MergeUndoneData
 
 
-class TokensRevokedData(_Data):
+class TokensRevokedData(_Data, frozen=True):
     contact_id: str
     # Tokens with iat before this instant are rejected everywhere.
     not_before: datetime
 
 
-class ContactTokensRevoked(Event, tag="contact.tokens_revoked"):
+class ContactTokensRevoked(Event, frozen=True, tag="contact.tokens_revoked"):
     data: TokensRevokedData
 
 
-class ContactErasedData(_Data):
+class ContactErasedData(_Data, frozen=True):
     contact_id: str
     receipt_id: str
 
 
-class ContactErased(Event, tag="contact.erased"):
+class ContactErased(Event, frozen=True, tag="contact.erased"):
     data: ContactErasedData
 
 

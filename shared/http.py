@@ -149,10 +149,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        problem = Problem(exc.status, code, exc.reason)
+        http_problem = Problem(exc.status, code, exc.reason)
         if exc.status == 405 and "Allow" in exc.headers:
-            problem.headers["Allow"] = exc.headers["Allow"]
-        return problem_response(problem, request)
+            http_problem.headers["Allow"] = exc.headers["Allow"]
+        return problem_response(http_problem, request)
     except db.TRANSIENT_DB_ERRORS:
         log.warning("database unavailable", exc_info=True)
         return problem_response(

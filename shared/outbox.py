@@ -62,7 +62,9 @@ class Outbox:
                RETURNING seq""",
             subject,
         )
-        event = event_type(
+        # Every concrete event type has a ``data`` field; the envelope base does not.
+        make: Any = event_type
+        event: E = make(
             id=str(uuid.uuid4()),
             org_id=org_id,
             subject=subject,

@@ -1,0 +1,1 @@
+"""``make bench``: the project's benchmark. Figures are printed, never asserted."""
