@@ -11,7 +11,6 @@ import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -19,14 +18,10 @@ import redis.asyncio as aioredis
 
 from shared import migrate
 from shared.config import RateLimits, Settings
+from shared.db import with_database
 from shared.devstack import DevServers, dev_servers
 
 ADMIN_TOKEN = "test-admin-token-" + "x" * 16
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + name))
 
 
 @pytest.fixture(scope="session")

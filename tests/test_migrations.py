@@ -9,9 +9,9 @@ import asyncpg
 import pytest
 
 from shared import migrate
+from shared.db import with_database
 from shared.devstack import DevServers
 from shared.errors import ConfigError
-from tests.conftest import with_database
 
 
 @pytest.fixture
