@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # One image for every widget-identity process. The command picks the role:
 #   serve token-issuance | session-resolution | history | all   (HTTP API on $PORT)
 #   consume history                                              (merge consumer)
@@ -54,6 +52,7 @@ RUN groupadd --system --gid 10001 widget \
 
 COPY --from=builder /opt/venv /opt/venv
 
+# A neutral, writable working directory (Kubernetes mounts an emptyDir at /tmp).
 WORKDIR /tmp
 USER 10001:10001
 EXPOSE 8080
