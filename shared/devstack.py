@@ -679,6 +679,8 @@ def main() -> None:
         raise KeyboardInterrupt  # SIGTERM during startup: unwind and clean up like Ctrl-C
 
     signal.signal(signal.SIGTERM, interrupt)
+    # Started in the background by a non-interactive shell, SIGINT arrives ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with dev_servers(args.data_dir, log=to_stderr) as servers:
             print(json.dumps(dataclasses.asdict(servers)), flush=True)
