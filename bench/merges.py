@@ -1,0 +1,197 @@
+"""The merge path of ``make bench``: conversations moved per second, event lag under a steady
+load, and the time to drain a 100,000-event backlog.
+
+Data is bulk-loaded with SQL (orgs, contacts, visitors, conversations) and merge requests
+are emitted through the real outbox; the real relay publishes them and the real merge
+consumer (``widget-identity consume history``, its own process) applies them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+from shared.config import Settings
+from shared.db import create_pool
+from shared.events import HistoryMergeRequested, MergeRequestedData
+from shared.outbox import Outbox, OutboxRelay
+from shared.redis import create_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def load_scopes(
+    pool: asyncpg.Pool, org: str, visitors: int, conversations_each: int
+) -> list[tuple[str, str]]:
+    """Visitors with browser-bound conversations, each paired with a contact to merge into."""
+    pairs = [(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(visitors)]
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.copy_records_to_table(
+            "contacts",
+            records=[(uuid.UUID(c), uuid.UUID(org), f"user:{c}") for _v, c in pairs],
+            columns=["id", "org_id", "contact_key"],
+        )
+        await conn.copy_records_to_table(
+            "visitors",
+            records=[
+                (uuid.UUID(v), uuid.UUID(org), uuid.uuid4().bytes + uuid.uuid4().bytes)
+                for v, _c in pairs
+            ],
+            columns=["id", "org_id", "token_hash"],
+        )
+        await conn.copy_records_to_table(
+            "conversations",
+            records=[
+                (uuid.uuid4(), uuid.UUID(org), uuid.UUID(v), uuid.UUID(v))
+                for v, _c in pairs
+                for _ in range(conversations_each)
+            ],
+            columns=["id", "org_id", "visitor_id", "origin_visitor_id"],
+        )
+    return pairs
+
+
+async def request_merges(
+    pool: asyncpg.Pool, outbox: Outbox, org: str, pairs: list[tuple[str, str]]
+) -> dict[str, float]:
+    emitted: dict[str, float] = {}
+    for start in range(0, len(pairs), 1000):
+        async with pool.acquire() as conn, conn.transaction():
+            for visitor, contact in pairs[start : start + 1000]:
+                merge_id = str(uuid.uuid4())
+                await outbox.emit(
+                    conn,
+                    HistoryMergeRequested,
+                    org_id=org,
+                    subject=visitor,
+                    data=MergeRequestedData(
+                        merge_id=merge_id,
+                        reason="login",
+                        source_visitor_id=visitor,
+                        target_contact_id=contact,
+                    ),
+                )
+                emitted[merge_id] = time.time()
+    return emitted
+
+
+async def publish_everything(settings: Settings) -> None:
+    redis = create_redis(settings)
+    relay = OutboxRelay(settings, redis)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        while await relay.publish_batch(conn):
+            pass
+    finally:
+        await conn.close()
+        await redis.aclose()
+
+
+async def wait_done(pool: asyncpg.Pool, merge_ids: list[str], limit: float) -> float:
+    """Seconds until every listed merge is applied (done or failed)."""
+    began = time.perf_counter()
+    while time.perf_counter() - began < limit:
+        done = await pool.fetchval(
+            "SELECT count(*) FROM merges WHERE id = ANY($1::uuid[]) AND status IN ('done', 'failed')",
+            merge_ids,
+        )
+        if done >= len(merge_ids):
+            return time.perf_counter() - began
+        await asyncio.sleep(0.05)
+    raise SystemExit(f"merges not done within {limit} s")
+
+
+def start_consumer(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "consume", "history", "--port", "0"],
+            env={**env, "CONSUMER_CLAIM_IDLE_MS": "5000"},
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def run_merges(env: dict[str, str], workdir: Path) -> list[str]:
+    settings = Settings.from_env(env)
+    pool = await create_pool(settings)
+    outbox = Outbox(settings.events_stream)
+    lines: list[str] = []
+    try:
+        org = str(
+            await pool.fetchval(
+                "INSERT INTO orgs (id, name) VALUES (gen_random_uuid(), 'bench-merges') RETURNING id"
+            )
+        )
+
+        # 1. Throughput: 2,000 merges of 50 conversations each, published up front.
+        pairs = await load_scopes(pool, org, 2000, 50)
+        ids = list(await request_merges(pool, outbox, org, pairs))
+        await publish_everything(settings)
+        consumer = start_consumer(env, workdir / "consumer.log")
+        try:
+            seconds = await wait_done(pool, ids, limit=600)
+            moved = await pool.fetchval(
+                "SELECT count(*) FROM conversations WHERE contact_id IS NOT NULL"
+            )
+            lines.append(
+                f"  merge consumer: {moved} conversations in {len(pairs)} merges in {seconds:.2f} s"
+                f" = {moved / seconds:,.0f} conversations/s (target >= 20,000)"
+            )
+
+            # 2. Lag under a steady load: 200 merges/s for 15 s while the consumer runs.
+            pairs = await load_scopes(pool, org, 3000, 5)
+            emitted: dict[str, float] = {}
+            began = time.perf_counter()
+            for i in range(0, len(pairs), 20):
+                emitted.update(await request_merges(pool, outbox, org, pairs[i : i + 20]))
+                await asyncio.sleep(max(0.0, began + (i + 20) / 200 - time.perf_counter()))
+            await wait_done(pool, list(emitted), limit=120)
+            rows = await pool.fetch(
+                "SELECT id, extract(epoch FROM completed_at) AS done FROM merges WHERE id = ANY($1::uuid[])",
+                list(emitted),
+            )
+            lags = sorted(
+                (float(r["done"]) - emitted[str(r["id"])]) * 1000
+                for r in rows
+                if r["done"] is not None
+            )
+            if lags:
+                p99 = lags[min(len(lags) - 1, int(0.99 * len(lags)))]
+                lines.append(
+                    f"  event lag at 200 merges/s: p50 {statistics.median(lags):.1f} ms, p99 {p99:.1f} ms"
+                    f" over {len(lags)} merges (target p99 <= 500 ms)"
+                )
+        finally:
+            stop(consumer)
+
+        # 3. Backlog: 100,000 merge events waiting in the stream, then one consumer starts.
+        pairs = await load_scopes(pool, org, 100_000, 1)
+        ids = list(await request_merges(pool, outbox, org, pairs))
+        await publish_everything(settings)
+        consumer = start_consumer(env, workdir / "consumer.log")
+        try:
+            seconds = await wait_done(pool, ids, limit=900)
+            lines.append(
+                f"  backlog: 100,000 merge events drained in {seconds:.1f} s (target < 120 s)"
+            )
+        finally:
+            stop(consumer)
+    finally:
+        await pool.close()
+    return lines
