@@ -1,0 +1,269 @@
+"""Rules for recording and reading history: which scope a session writes into, whether a
+message's sender counts as verified, and the opaque page cursor."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from services.history import queries
+from services.history.schemas import (
+    AddMessage,
+    ConversationOut,
+    CreateConversation,
+    CreatedConversation,
+    HistoryPage,
+    MessageOut,
+    Scope,
+)
+from shared.errors import Problem, not_found, validation_failed
+
+MESSAGES_PER_CONVERSATION = 100
+MAX_CURSOR_LENGTH = 200
+_LIMIT = re.compile(r"[0-9]{1,3}")
+
+
+def session_ended() -> Problem:
+    return Problem(409, "session_ended", "the session has ended or expired")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionScope:
+    """Where a session's history lives right now, and its trust level."""
+
+    visitor_id: str
+    verified: bool
+    contact_id: str | None
+    external_id: str
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> SessionScope:
+        verified = row["level"] == "verified"
+        return cls(
+            visitor_id=str(row["visitor_id"]),
+            verified=verified,
+            contact_id=str(row["contact_id"]) if verified else None,
+            external_id=row["external_id"] if verified else "",
+        )
+
+    def owns(self, conversation: asyncpg.Record) -> bool:
+        if self.contact_id is not None:
+            return (
+                str(conversation["contact_id"]) == self.contact_id
+                and conversation["external_id"] == self.external_id
+            )
+        return str(conversation["visitor_id"]) == self.visitor_id
+
+
+async def live_session(
+    conn: asyncpg.Connection, org_id: str, session_id: uuid.UUID
+) -> SessionScope:
+    # Another org's session reads exactly like a missing one (promise 8).
+    row = await queries.session_scope(conn, org_id, session_id)
+    if row is None:
+        raise not_found("session")
+    if row["ended"]:
+        raise session_ended()
+    return SessionScope.from_row(row)
+
+
+def scope_of(row: asyncpg.Record) -> Scope:
+    if row["contact_id"] is not None:
+        return Scope(
+            type="contact", contact_id=str(row["contact_id"]), external_id=row["external_id"]
+        )
+    return Scope(type="visitor", visitor_id=str(row["visitor_id"]))
+
+
+def message_out(row: asyncpg.Record) -> MessageOut:
+    return MessageOut(
+        id=str(row["id"]),
+        conversation_id=str(row["conversation_id"]),
+        author=row["author"],
+        sender_verified=row["sender_verified"],
+        text=row["body"],
+        data=row["data"],
+        created_at=row["created_at"],
+    )
+
+
+def sender_verified(author: str, session: SessionScope | None) -> bool:
+    """A visitor's message is verified only if its session was verified when it was written;
+    agents and bots write with the org's API key, a server-side identity."""
+    if author == "visitor":
+        return session is not None and session.verified
+    return True
+
+
+def check_data(data: dict[str, Any]) -> None:
+    # jsonb rejects NUL in strings; find it before the write rather than as a driver error.
+    if b"\\u0000" in msgspec.json.encode(data):
+        raise validation_failed("message data must not contain NUL characters")
+
+
+async def create_conversation(
+    conn: asyncpg.Connection, org_id: str, body: CreateConversation
+) -> CreatedConversation:
+    if body.message is not None:
+        check_data(body.message.data)
+    session = await live_session(conn, org_id, body.session_id)
+    if session.contact_id is not None and not await queries.lock_live_contact(
+        conn, org_id, session.contact_id
+    ):
+        # The contact was erased after the session resolved: nothing may be written for it.
+        raise session_ended()
+    row = await queries.insert_conversation(
+        conn,
+        org_id=org_id,
+        visitor_id=None if session.contact_id is not None else session.visitor_id,
+        contact_id=session.contact_id,
+        external_id=session.external_id,
+        origin_visitor_id=session.visitor_id,
+    )
+    scope = (
+        Scope(type="contact", contact_id=session.contact_id, external_id=session.external_id)
+        if session.contact_id is not None
+        else Scope(type="visitor", visitor_id=session.visitor_id)
+    )
+    message = None
+    if body.message is not None:
+        message = message_out(
+            await queries.insert_message(
+                conn,
+                org_id=org_id,
+                conversation_id=row["id"],
+                author=body.message.author,
+                sender_verified=sender_verified(body.message.author, session),
+                body=body.message.text,
+                data=body.message.data,
+            )
+        )
+    return CreatedConversation(
+        id=str(row["id"]), scope=scope, created_at=row["created_at"], message=message
+    )
+
+
+async def add_message(
+    conn: asyncpg.Connection, org_id: str, conversation_id: str, body: AddMessage
+) -> MessageOut:
+    check_data(body.data)
+    if body.author == "visitor" and body.session_id is None:
+        raise validation_failed("a visitor message needs the sessionId it was written in")
+    if body.author != "visitor" and body.session_id is not None:
+        raise validation_failed("sessionId is only for visitor messages")
+    conversation = await queries.lock_conversation(conn, org_id, conversation_id)
+    if conversation is None:
+        raise not_found("conversation")
+    session = None
+    if body.session_id is not None:
+        session = await live_session(conn, org_id, body.session_id)
+        if not session.owns(conversation):
+            raise Problem(
+                403,
+                "scope_mismatch",
+                "the conversation is not in this session's history scope",
+            )
+    return message_out(
+        await queries.insert_message(
+            conn,
+            org_id=org_id,
+            conversation_id=conversation_id,
+            author=body.author,
+            sender_verified=sender_verified(body.author, session),
+            body=body.text,
+            data=body.data,
+        )
+    )
+
+
+# --- Reading ---------------------------------------------------------------------------------
+
+_cursor_decoder = msgspec.json.Decoder(tuple[datetime, uuid.UUID])
+
+
+def encode_cursor(created_at: datetime, conversation_id: uuid.UUID) -> str:
+    raw = msgspec.json.encode((created_at, conversation_id))
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise validation_failed("cursor is not valid")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, conversation_id = _cursor_decoder.decode(raw)
+    except (binascii.Error, ValueError, msgspec.MsgspecError):
+        raise validation_failed("cursor is not valid") from None
+    if created_at.tzinfo is None:
+        raise validation_failed("cursor is not valid")
+    return created_at, conversation_id
+
+
+def page_params(query: Mapping[str, str]) -> tuple[int, tuple[datetime, uuid.UUID] | None]:
+    raw_limit = query.get("limit", "20")
+    if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= 100:
+        raise validation_failed("limit must be an integer from 1 to 100")
+    cursor = query.get("cursor")
+    return int(raw_limit), decode_cursor(cursor) if cursor else None
+
+
+async def build_page(db: queries.Db, rows: list[asyncpg.Record], limit: int) -> HistoryPage:
+    """``rows`` holds up to limit + 1 conversations; the extra one only says "there is more"."""
+    page = rows[:limit]
+    per = MESSAGES_PER_CONVERSATION
+    messages: dict[uuid.UUID, list[asyncpg.Record]] = {}
+    for m in await queries.latest_messages(db, [r["id"] for r in page], per + 1):
+        messages.setdefault(m["conversation_id"], []).append(m)
+    conversations = []
+    for r in page:
+        newest_first = messages.get(r["id"], [])
+        conversations.append(
+            ConversationOut(
+                id=str(r["id"]),
+                scope=scope_of(r),
+                origin_visitor_id=str(r["origin_visitor_id"]),
+                last_merge_id=str(r["last_merge_id"]) if r["last_merge_id"] else None,
+                created_at=r["created_at"],
+                updated_at=r["updated_at"],
+                messages=[message_out(m) for m in reversed(newest_first[:per])],
+                messages_truncated=len(newest_first) > per,
+            )
+        )
+    next_cursor = (
+        encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
+    )
+    return HistoryPage(conversations=conversations, next_cursor=next_cursor)
+
+
+async def contact_history(
+    db: queries.Db, org_id: str, contact_id: str, external_id: str, query: Mapping[str, str]
+) -> HistoryPage:
+    if len(external_id) > 256 or "\x00" in external_id:
+        raise validation_failed("externalId is not valid")
+    limit, after = page_params(query)
+    # An erased contact has no history and reads as not found, like another org's contact.
+    if not await queries.contact_is_live(db, org_id, contact_id):
+        raise not_found("contact")
+    rows = await queries.contact_conversations(
+        db, org_id, contact_id, external_id, limit=limit + 1, after=after
+    )
+    return await build_page(db, rows, limit)
+
+
+async def visitor_history(
+    db: queries.Db, org_id: str, visitor_id: str, query: Mapping[str, str]
+) -> HistoryPage:
+    limit, after = page_params(query)
+    if not await queries.visitor_exists(db, org_id, visitor_id):
+        raise not_found("visitor")
+    rows = await queries.visitor_conversations(db, org_id, visitor_id, limit=limit + 1, after=after)
+    return await build_page(db, rows, limit)

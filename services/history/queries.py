@@ -1,0 +1,482 @@
+"""Every SQL statement of the history service.
+
+Lock order, shared by everything that moves or removes history so no two transactions can
+wait on each other in a cycle: the merge row, then the scope advisory locks (sorted by key),
+then contact rows (sorted by id), then conversations, then the outbox's subject_seqs row.
+Erasure starts at the contact row (it takes no advisory lock), which keeps it in that order.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+
+Db: TypeAlias = asyncpg.Pool | asyncpg.Connection
+Row: TypeAlias = asyncpg.Record
+
+
+# --- Sessions and scopes (read through the session service's published view) -------------
+
+
+async def session_scope(db: Db, org_id: str, session_id: uuid.UUID) -> Row | None:
+    return await db.fetchrow(
+        """SELECT session_id, visitor_id, level, contact_id, external_id,
+                  (ended_at IS NOT NULL OR expires_at <= now()) AS ended
+           FROM session_scopes WHERE session_id = $1 AND org_id = $2""",
+        session_id,
+        org_id,
+    )
+
+
+async def lock_live_contact(conn: asyncpg.Connection, org_id: str, contact_id: str) -> bool:
+    """KEY SHARE on the contact row: erasure's FOR UPDATE waits for us (and we for it), so
+    nothing is written into a contact's scope after it is erased."""
+    found = await conn.fetchval(
+        """SELECT erased_at IS NULL FROM contacts WHERE org_id = $1 AND id = $2
+           FOR KEY SHARE""",
+        org_id,
+        contact_id,
+    )
+    return bool(found)
+
+
+async def contact_is_live(db: Db, org_id: str, contact_id: str) -> bool:
+    return bool(
+        await db.fetchval(
+            "SELECT true FROM contacts WHERE org_id = $1 AND id = $2 AND erased_at IS NULL",
+            org_id,
+            contact_id,
+        )
+    )
+
+
+async def visitor_exists(db: Db, org_id: str, visitor_id: str) -> bool:
+    return bool(
+        await db.fetchval(
+            "SELECT true FROM visitors WHERE org_id = $1 AND id = $2", org_id, visitor_id
+        )
+    )
+
+
+# --- Conversations and messages ------------------------------------------------------------
+
+
+async def insert_conversation(
+    conn: asyncpg.Connection,
+    *,
+    org_id: str,
+    visitor_id: str | None,
+    contact_id: str | None,
+    external_id: str,
+    origin_visitor_id: str,
+) -> Row:
+    row: Row = await conn.fetchrow(
+        """INSERT INTO conversations
+               (id, org_id, visitor_id, contact_id, external_id, origin_visitor_id)
+           VALUES ($1, $2, $3, $4, $5, $6)
+           RETURNING id, created_at""",
+        uuid.uuid4(),
+        org_id,
+        visitor_id,
+        contact_id,
+        external_id,
+        origin_visitor_id,
+    )
+    return row
+
+
+async def lock_conversation(
+    conn: asyncpg.Connection, org_id: str, conversation_id: str
+) -> Row | None:
+    """KEY SHARE: a message can be added while a merge re-points the conversation (the merge's
+    UPDATE does not conflict), but erasure's delete waits for it."""
+    return await conn.fetchrow(
+        """SELECT id, visitor_id, contact_id, external_id FROM conversations
+           WHERE id = $1 AND org_id = $2 FOR KEY SHARE""",
+        conversation_id,
+        org_id,
+    )
+
+
+async def insert_message(
+    conn: asyncpg.Connection,
+    *,
+    org_id: str,
+    conversation_id: str,
+    author: str,
+    sender_verified: bool,
+    body: str,
+    data: dict[str, Any],
+) -> Row:
+    row: Row = await conn.fetchrow(
+        """INSERT INTO messages (id, org_id, conversation_id, author, sender_verified, body, data)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)
+           RETURNING id, conversation_id, author, sender_verified, body, data, created_at""",
+        uuid.uuid4(),
+        org_id,
+        conversation_id,
+        author,
+        sender_verified,
+        body,
+        data,
+    )
+    return row
+
+
+_PAGE_COLUMNS = (
+    "id, visitor_id, contact_id, external_id, origin_visitor_id, last_merge_id,"
+    " created_at, updated_at"
+)
+
+
+async def contact_conversations(
+    db: Db,
+    org_id: str,
+    contact_id: str,
+    external_id: str,
+    *,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None,
+) -> list[Row]:
+    # Two statements rather than "$5 IS NULL OR ...": each keeps a plain index range scan.
+    where = "org_id = $1 AND contact_id = $2 AND external_id = $3"
+    return await _page(db, where, [org_id, contact_id, external_id], limit, after)
+
+
+async def visitor_conversations(
+    db: Db,
+    org_id: str,
+    visitor_id: str,
+    *,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None,
+) -> list[Row]:
+    return await _page(db, "org_id = $1 AND visitor_id = $2", [org_id, visitor_id], limit, after)
+
+
+async def _page(
+    db: Db, where: str, args: list[Any], limit: int, after: tuple[datetime, uuid.UUID] | None
+) -> list[Row]:
+    n = len(args)
+    args = [*args, limit]
+    if after is not None:
+        where += f" AND (created_at, id) < (${n + 2}, ${n + 3})"
+        args.extend(after)
+    rows: list[Row] = await db.fetch(
+        f"""SELECT {_PAGE_COLUMNS} FROM conversations WHERE {where}
+            ORDER BY created_at DESC, id DESC LIMIT ${n + 1}""",
+        *args,
+    )
+    return rows
+
+
+async def latest_messages(db: Db, conversation_ids: Sequence[uuid.UUID], per: int) -> list[Row]:
+    """Up to ``per`` newest messages of each conversation, in one round trip."""
+    if not conversation_ids:
+        return []
+    rows: list[Row] = await db.fetch(
+        """SELECT m.id, m.conversation_id, m.author, m.sender_verified, m.body, m.data,
+                  m.created_at
+           FROM unnest($1::uuid[]) AS c(id)
+           CROSS JOIN LATERAL (
+               SELECT * FROM messages WHERE conversation_id = c.id
+               ORDER BY created_at DESC, id DESC LIMIT $2) AS m""",
+        list(conversation_ids),
+        per,
+    )
+    return rows
+
+
+# --- Merges ---------------------------------------------------------------------------------
+
+
+async def insert_merge(
+    conn: asyncpg.Connection,
+    *,
+    merge_id: str,
+    org_id: str,
+    reason: str,
+    source_visitor_id: str | None,
+    source_contact_id: str | None,
+    source_external_id: str,
+    target_contact_id: str,
+    target_external_id: str,
+) -> bool:
+    """Record a requested merge as pending; False when that id is already recorded."""
+    inserted = await conn.fetchval(
+        """INSERT INTO merges (id, org_id, reason, source_visitor_id, source_contact_id,
+                               source_external_id, target_contact_id, target_external_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+           ON CONFLICT (id) DO NOTHING RETURNING true""",
+        merge_id,
+        org_id,
+        reason,
+        source_visitor_id,
+        source_contact_id,
+        source_external_id,
+        target_contact_id,
+        target_external_id,
+    )
+    return bool(inserted)
+
+
+_MERGE_COLUMNS = (
+    "id, org_id, reason, status, source_visitor_id, source_contact_id, source_external_id,"
+    " target_contact_id, target_external_id, conversation_ids, error, requested_at,"
+    " completed_at, undone_at"
+)
+
+
+async def lock_merge(conn: asyncpg.Connection, merge_id: str) -> Row | None:
+    return await conn.fetchrow(
+        f"SELECT {_MERGE_COLUMNS} FROM merges WHERE id = $1 FOR UPDATE", merge_id
+    )
+
+
+async def get_merge(db: Db, org_id: str, merge_id: str) -> Row | None:
+    return await db.fetchrow(
+        f"SELECT {_MERGE_COLUMNS} FROM merges WHERE id = $1 AND org_id = $2", merge_id, org_id
+    )
+
+
+async def advisory_locks(conn: asyncpg.Connection, keys: list[tuple[int, bool]]) -> None:
+    """Take transaction-level advisory locks (key, shared) in the given order, one round trip.
+    Rows come out of unnest in array order, so the locks are taken in that order."""
+    await conn.execute(
+        """SELECT CASE WHEN shared THEN pg_advisory_xact_lock_shared(key)
+                       ELSE pg_advisory_xact_lock(key) END
+           FROM unnest($1::bigint[], $2::boolean[]) WITH ORDINALITY AS t(key, shared, n)
+           ORDER BY n""",
+        [k for k, _ in keys],
+        [shared for _, shared in keys],
+    )
+
+
+async def lock_contacts(
+    conn: asyncpg.Connection, org_id: str, contact_ids: list[str]
+) -> dict[str, bool]:
+    """KEY SHARE the contacts in id order; map id -> live (not erased). Missing ids are absent."""
+    rows = await conn.fetch(
+        """SELECT id, erased_at IS NULL AS live FROM contacts
+           WHERE org_id = $1 AND id = ANY($2::uuid[]) ORDER BY id FOR KEY SHARE""",
+        org_id,
+        contact_ids,
+    )
+    return {str(r["id"]): r["live"] for r in rows}
+
+
+# Both moves re-point every conversation of the source scope in one statement and record the
+# moved ids in the merge row in the same statement: set-based, one round trip.
+_MOVE_TAIL = """
+    UPDATE merges SET status = 'done', completed_at = now(), error = NULL,
+                      conversation_ids = ARRAY(SELECT id FROM moved ORDER BY id)
+    WHERE id = $3
+    RETURNING cardinality(conversation_ids)"""
+
+
+async def move_visitor_scope(
+    conn: asyncpg.Connection,
+    *,
+    org_id: str,
+    merge_id: str,
+    visitor_id: str,
+    target_contact_id: str,
+    target_external_id: str,
+) -> int:
+    moved: int = await conn.fetchval(
+        """WITH moved AS (
+               UPDATE conversations
+               SET visitor_id = NULL, contact_id = $4, external_id = $5,
+                   last_merge_id = $3, updated_at = now()
+               WHERE org_id = $1 AND visitor_id = $2
+               RETURNING id)"""
+        + _MOVE_TAIL,
+        org_id,
+        visitor_id,
+        merge_id,
+        target_contact_id,
+        target_external_id,
+    )
+    return moved
+
+
+async def move_contact_scope(
+    conn: asyncpg.Connection,
+    *,
+    org_id: str,
+    merge_id: str,
+    contact_id: str,
+    external_id: str,
+    target_contact_id: str,
+    target_external_id: str,
+) -> int:
+    moved: int = await conn.fetchval(
+        """WITH moved AS (
+               UPDATE conversations
+               SET contact_id = $4, external_id = $5, last_merge_id = $3, updated_at = now()
+               WHERE org_id = $1 AND contact_id = $2 AND external_id = $6
+               RETURNING id)"""
+        + _MOVE_TAIL,
+        org_id,
+        contact_id,
+        merge_id,
+        target_contact_id,
+        target_external_id,
+        external_id,
+    )
+    return moved
+
+
+async def fail_merge(conn: asyncpg.Connection, merge_id: str, error: str) -> None:
+    await conn.execute(
+        """UPDATE merges SET status = 'failed', error = $2, completed_at = now()
+           WHERE id = $1""",
+        merge_id,
+        error,
+    )
+
+
+async def undo_moves(
+    conn: asyncpg.Connection,
+    *,
+    org_id: str,
+    merge_id: str,
+    conversation_ids: list[uuid.UUID],
+    target_contact_id: str,
+    target_external_id: str,
+    source_visitor_id: str | None,
+    source_contact_id: str | None,
+    source_external_id: str,
+) -> int:
+    """Put back exactly the merge's conversations that are still in its target scope."""
+    restored: int = await conn.fetchval(
+        """WITH restored AS (
+               UPDATE conversations
+               SET visitor_id = $6::uuid, contact_id = $7::uuid, external_id = $8,
+                   updated_at = now()
+               WHERE id = ANY($3::uuid[]) AND org_id = $1
+                 AND contact_id = $4 AND external_id = $5
+               RETURNING id)
+           UPDATE merges SET status = 'undone', undone_at = now()
+           WHERE id = $2
+           RETURNING (SELECT count(*) FROM restored)""",
+        org_id,
+        merge_id,
+        conversation_ids,
+        target_contact_id,
+        target_external_id,
+        source_visitor_id,
+        source_contact_id,
+        source_external_id,
+    )
+    return restored
+
+
+# --- Erasure ---------------------------------------------------------------------------------
+
+
+async def lock_contact_for_erasure(conn: asyncpg.Connection, org_id: str, contact_id: str) -> bool:
+    """FOR UPDATE on a live contact: waits for every writer into its scope (they hold KEY
+    SHARE) and keeps new ones out until the erasure commits."""
+    found = await conn.fetchval(
+        """SELECT true FROM contacts WHERE org_id = $1 AND id = $2 AND erased_at IS NULL
+           FOR UPDATE""",
+        org_id,
+        contact_id,
+    )
+    return bool(found)
+
+
+async def erase_history(conn: asyncpg.Connection, org_id: str, contact_id: str) -> tuple[int, int]:
+    """Delete every conversation of the contact (all externalIds) and their messages;
+    return (conversations, messages)."""
+    # Lock first (waits for writers holding KEY SHARE on these rows); the deletes below then
+    # run on fresh snapshots that include everything those writers committed.
+    await conn.execute(
+        """SELECT 1 FROM conversations WHERE org_id = $1 AND contact_id = $2 FOR UPDATE""",
+        org_id,
+        contact_id,
+    )
+    messages: int = await conn.fetchval(
+        """WITH gone AS (
+               DELETE FROM messages WHERE conversation_id IN (
+                   SELECT id FROM conversations WHERE org_id = $1 AND contact_id = $2)
+               RETURNING 1)
+           SELECT count(*) FROM gone""",
+        org_id,
+        contact_id,
+    )
+    conversations: int = await conn.fetchval(
+        """WITH gone AS (
+               DELETE FROM conversations WHERE org_id = $1 AND contact_id = $2 RETURNING 1)
+           SELECT count(*) FROM gone""",
+        org_id,
+        contact_id,
+    )
+    return conversations, messages
+
+
+async def erase_bindings_and_sessions(
+    conn: asyncpg.Connection, org_id: str, contact_id: str
+) -> tuple[int, int]:
+    """Session-resolution tables, written here because erasure is one legal act that must
+    commit as a whole: remove the device bindings, end the sessions and drop their copies of
+    the contact's attributes. Returns (bindings removed, sessions ended)."""
+    bindings: int = await conn.fetchval(
+        """WITH gone AS (
+               DELETE FROM device_bindings WHERE org_id = $1 AND contact_id = $2 RETURNING 1)
+           SELECT count(*) FROM gone""",
+        org_id,
+        contact_id,
+    )
+    sessions: int = await conn.fetchval(
+        """WITH ended AS (
+               UPDATE sessions
+               SET ended_at = COALESCE(ended_at, now()), attributes = '{}'::jsonb,
+                   external_id = ''
+               WHERE org_id = $1 AND contact_id = $2
+               RETURNING 1)
+           SELECT count(*) FROM ended""",
+        org_id,
+        contact_id,
+    )
+    return bindings, sessions
+
+
+async def tombstone_contact(conn: asyncpg.Connection, org_id: str, contact_id: str) -> datetime:
+    """Keep the row (so replays find it erased) but nothing personal; reject every token."""
+    erased_at: datetime = await conn.fetchval(
+        """UPDATE contacts
+           SET erased_at = now(), tokens_not_before = now(), updated_at = now(),
+               contact_key = 'erased:' || id::text, user_id = NULL, verified_email = NULL,
+               attributes = '{}'::jsonb
+           WHERE org_id = $1 AND id = $2
+           RETURNING erased_at""",
+        org_id,
+        contact_id,
+    )
+    return erased_at
+
+
+async def scrub_published_events(db: Db, contact_id: str, *, batch: int = 5000) -> int:
+    """Delete already-published outbox rows that mention the contact (they may carry its
+    email or name). Unpublished rows are left for the relay; the prune removes them later."""
+    deleted = 0
+    needle = contact_id.encode()
+    while True:
+        status: str = await db.execute(
+            """DELETE FROM outbox WHERE id IN (
+                   SELECT id FROM outbox
+                   WHERE published_at IS NOT NULL AND position($1::bytea IN payload) > 0
+                   LIMIT $2)""",
+            needle,
+            batch,
+        )
+        count = int(status.split()[-1])
+        deleted += count
+        if count < batch:
+            return deleted
