@@ -22,6 +22,7 @@ from services import all_in_one
 from services.history import app as history
 from services.session_resolution import app as session_resolution
 from services.token_issuance import app as token_issuance
+from services.token_issuance import cli as token_issuance_cli
 from shared import consumer, db, migrate
 from shared.config import Settings
 from shared.errors import ConfigError
@@ -41,7 +42,7 @@ CONSUMERS: dict[str, Callable[[Settings], web.Application]] = {
 
 # Extra command groups (admin, keys, ...) register themselves here from their service.
 CommandRegistrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
-REGISTRARS: list[CommandRegistrar] = []
+REGISTRARS: list[CommandRegistrar] = [token_issuance_cli.register]
 
 
 def print_json(value: Any) -> None:

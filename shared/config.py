@@ -43,6 +43,8 @@ class Settings:
     key_encryption_key: bytes | None = None
     token_issuer: str = "widget-identity"
     token_audience: str = "widget-identity:widget"
+    # Contact-token algorithms the verifier accepts; the first one signs new keys.
+    token_algorithms: tuple[str, ...] = ("EdDSA",)
     stream_prefix: str = "wi:"
     log_level: str = "INFO"
     log_json: bool = True
@@ -63,6 +65,9 @@ class Settings:
     consumer_concurrency: int = 8
     max_body_bytes: int = 64 * 1024
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    # Reverse proxies in front of us that append to X-Forwarded-For (e.g. 1 behind an
+    # ingress). 0: the header is ignored and the socket peer is the client (it is spoofable).
+    trusted_proxy_hops: int = 0
 
     @property
     def events_stream(self) -> str:
@@ -87,6 +92,12 @@ class Settings:
             key_encryption_key=reader.key("KEY_ENCRYPTION_KEY"),
             token_issuer=reader.get("TOKEN_ISSUER", str, "widget-identity", check=bool),
             token_audience=reader.get("TOKEN_AUDIENCE", str, "widget-identity:widget", check=bool),
+            token_algorithms=reader.get(
+                "TOKEN_ALGORITHMS",
+                _algorithms,
+                ("EdDSA",),
+                check=lambda v: bool(v) and set(v) <= {"EdDSA", "ES256"},
+            ),
             stream_prefix=reader.get("STREAM_PREFIX", str, "wi:"),
             log_level=reader.get(
                 "LOG_LEVEL",
@@ -106,6 +117,9 @@ class Settings:
                 "CONSUMER_CLAIM_IDLE_MS", int, 30_000, check=_positive
             ),
             max_body_bytes=reader.get("MAX_BODY_BYTES", int, 64 * 1024, check=_positive),
+            trusted_proxy_hops=reader.get(
+                "TRUSTED_PROXY_HOPS", int, 0, check=lambda v: 0 <= v <= 10
+            ),
             rate_limits=RateLimits(
                 authenticate_per_key=reader.get(
                     "RATE_AUTHENTICATE_PER_KEY", int, 600, check=_positive
@@ -126,6 +140,10 @@ class Settings:
 
 def _positive(value: float) -> bool:
     return value > 0
+
+
+def _algorithms(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
 def _boolean(raw: str) -> bool:

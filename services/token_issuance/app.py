@@ -4,14 +4,44 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from services.token_issuance import routes
+from services.token_issuance.deps import JWKS, KEYRING, JwksCache
+from services.token_issuance.keyring import Keyring
 from shared.config import Settings
+from shared.db import DB_POOL
+from shared.errors import ConfigError
+from shared.http import SETTINGS
+from shared.policy import install_policies
 from shared.service import service_app
+from shared.tokens import CONTACT_TOKENS, install_verifier
 
 NAME = "token-issuance"
 
 
 def setup(app: web.Application) -> None:
     """Add this service's routes and workers to an app built by ``service_app``."""
+    if KEYRING in app:
+        return
+    settings = app[SETTINGS]
+    install_policies(app)
+    install_verifier(app)
+    keyring = Keyring(settings.key_encryption_key)
+    app[KEYRING] = keyring
+    app[JWKS] = JwksCache()
+    # A key deleted by any replica must stop signing here too, not only stop verifying.
+    app[CONTACT_TOKENS].on_key_deleted(keyring.forget_kid)
+
+    async def check_key_encryption_key(app: web.Application) -> None:
+        # Refuse to start rather than fail on the first sign-in: no KEK, or the wrong one.
+        if settings.key_encryption_key is None:
+            raise ConfigError(
+                "KEY_ENCRYPTION_KEY: not set; token issuance needs it to encrypt signing keys "
+                "(32 random bytes, base64url)"
+            )
+        await keyring.check_kek(app[DB_POOL])
+
+    app.on_startup.append(check_key_encryption_key)
+    routes.add_routes(app.router)
 
 
 def create_app(settings: Settings) -> web.Application:

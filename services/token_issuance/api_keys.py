@@ -1,0 +1,86 @@
+"""Org API keys: created with scopes (shown once, stored as a hash), revoked by id.
+
+Checking a key on a request is shared.auth's job (every service does it the same way).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+from services.token_issuance import queries
+from services.token_issuance.schemas import ApiKeyCreated, ApiKeyRevoked, CreateApiKeyRequest
+from shared.auth import SCOPES, generate_api_key
+from shared.db import in_transaction
+from shared.errors import not_found, validation_failed
+
+
+def check_scopes(scopes: list[str]) -> list[str]:
+    unknown = sorted(set(scopes) - SCOPES)
+    if unknown:
+        raise validation_failed(
+            f"unknown scopes {unknown}; valid scopes are {sorted(SCOPES)}",
+            errors=[{"field": "scopes", "message": f"unknown scope {s!r}"} for s in unknown],
+        )
+    return sorted(set(scopes))
+
+
+def check_expiry(expires_at: datetime | None) -> datetime | None:
+    if expires_at is None:
+        return None
+    if expires_at.tzinfo is None:
+        raise validation_failed("expiresAt must carry a time zone (e.g. 2030-01-01T00:00:00Z)")
+    if expires_at <= datetime.now(UTC):
+        raise validation_failed("expiresAt must be in the future")
+    return expires_at
+
+
+async def create_api_key(
+    pool: asyncpg.Pool, org_id: str, request: CreateApiKeyRequest
+) -> ApiKeyCreated:
+    scopes = check_scopes(request.scopes)
+    expires_at = check_expiry(request.expires_at)
+    new = generate_api_key()
+    key_id = str(uuid.uuid4())
+
+    async def work(conn: asyncpg.Connection) -> ApiKeyCreated:
+        if await queries.lock_org(conn, org_id) is None:
+            raise not_found("org")
+        row = await queries.insert_api_key(
+            conn,
+            key_id=key_id,
+            org_id=org_id,
+            key_hash=new.key_hash,
+            display_prefix=new.display_prefix,
+            scopes=scopes,
+            expires_at=expires_at,
+        )
+        return ApiKeyCreated(
+            id=key_id,
+            key=new.key,
+            display_prefix=new.display_prefix,
+            scopes=scopes,
+            created_at=row["created_at"],
+            expires_at=expires_at,
+        )
+
+    return await in_transaction(pool, work)
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    response: ApiKeyRevoked
+    key_hash: bytes  # lets the caller drop the key from its authenticator cache
+
+
+async def revoke_api_key(pool: asyncpg.Pool, org_id: str, key_id: str) -> Revocation:
+    async def work(conn: asyncpg.Connection) -> Revocation:
+        row = await queries.revoke_api_key(conn, org_id, key_id)
+        if row is None:
+            raise not_found("API key")
+        return Revocation(ApiKeyRevoked(id=key_id, revoked_at=row["revoked_at"]), row["key_hash"])
+
+    return await in_transaction(pool, work)

@@ -1,0 +1,272 @@
+"""All SQL of the token issuance service (orgs, api_keys, widget_tokens, signing_keys,
+contacts). Every statement that touches org data is scoped by org_id."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+
+Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
+Row: TypeAlias = asyncpg.Record
+
+# --- orgs ----------------------------------------------------------------------------------
+
+
+async def insert_org(
+    conn: asyncpg.Connection, org_id: str, name: str, policy: dict[str, Any]
+) -> Row:
+    row: Row = await conn.fetchrow(
+        """INSERT INTO orgs (id, name, policy) VALUES ($1, $2, $3)
+           RETURNING id, name, policy, created_at, updated_at""",
+        org_id,
+        name,
+        policy,
+    )
+    return row
+
+
+async def fetch_org(db: Executor, org_id: str) -> Row | None:
+    row: Row | None = await db.fetchrow(
+        "SELECT id, name, policy, created_at, updated_at FROM orgs WHERE id = $1", org_id
+    )
+    return row
+
+
+async def lock_org(conn: asyncpg.Connection, org_id: str) -> Row | None:
+    """Serialises changes to one org's policy and keys (e.g. two concurrent key deletions
+    must not both see "another key is left")."""
+    row: Row | None = await conn.fetchrow(
+        "SELECT id, name, policy, created_at, updated_at FROM orgs WHERE id = $1 FOR UPDATE",
+        org_id,
+    )
+    return row
+
+
+async def update_org(
+    conn: asyncpg.Connection, org_id: str, name: str, policy: dict[str, Any]
+) -> Row:
+    row: Row = await conn.fetchrow(
+        """UPDATE orgs SET name = $2, policy = $3, updated_at = now() WHERE id = $1
+           RETURNING id, name, policy, created_at, updated_at""",
+        org_id,
+        name,
+        policy,
+    )
+    return row
+
+
+# --- API keys ------------------------------------------------------------------------------
+
+
+async def insert_api_key(
+    conn: asyncpg.Connection,
+    *,
+    key_id: str,
+    org_id: str,
+    key_hash: bytes,
+    display_prefix: str,
+    scopes: list[str],
+    expires_at: datetime | None,
+) -> Row:
+    row: Row = await conn.fetchrow(
+        """INSERT INTO api_keys (id, org_id, key_hash, display_prefix, scopes, expires_at)
+           VALUES ($1, $2, $3, $4, $5, $6) RETURNING created_at""",
+        key_id,
+        org_id,
+        key_hash,
+        display_prefix,
+        scopes,
+        expires_at,
+    )
+    return row
+
+
+async def revoke_api_key(conn: asyncpg.Connection, org_id: str, key_id: str) -> Row | None:
+    """Revoke (idempotent: a second call returns the first revocation time)."""
+    row: Row | None = await conn.fetchrow(
+        """UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now())
+           WHERE id = $1 AND org_id = $2 RETURNING key_hash, revoked_at""",
+        key_id,
+        org_id,
+    )
+    return row
+
+
+# --- widget tokens -------------------------------------------------------------------------
+
+
+async def insert_widget_token(
+    conn: asyncpg.Connection,
+    *,
+    token_id: str,
+    org_id: str,
+    token_hash: bytes,
+    display_prefix: str,
+    allowed_origins: list[str],
+    settings: dict[str, Any],
+) -> Row:
+    row: Row = await conn.fetchrow(
+        """INSERT INTO widget_tokens
+               (id, org_id, token_hash, display_prefix, allowed_origins, settings)
+           VALUES ($1, $2, $3, $4, $5, $6) RETURNING created_at""",
+        token_id,
+        org_id,
+        token_hash,
+        display_prefix,
+        allowed_origins,
+        settings,
+    )
+    return row
+
+
+# --- signing keys --------------------------------------------------------------------------
+
+
+async def insert_signing_key(
+    conn: asyncpg.Connection,
+    *,
+    kid: str,
+    org_id: str,
+    alg: str,
+    public_jwk: dict[str, Any],
+    private_key_enc: bytes,
+) -> Row:
+    row: Row = await conn.fetchrow(
+        """INSERT INTO signing_keys (kid, org_id, alg, public_jwk, private_key_enc)
+           VALUES ($1, $2, $3, $4, $5) RETURNING kid, alg, created_at""",
+        kid,
+        org_id,
+        alg,
+        public_jwk,
+        private_key_enc,
+    )
+    return row
+
+
+async def newest_signing_key(db: Executor, org_id: str) -> Row | None:
+    row: Row | None = await db.fetchrow(
+        """SELECT kid, alg, private_key_enc, created_at FROM signing_keys
+           WHERE org_id = $1 AND deleted_at IS NULL
+           ORDER BY created_at DESC, kid LIMIT 1""",
+        org_id,
+    )
+    return row
+
+
+async def any_signing_key(db: Executor) -> Row | None:
+    """One stored key, to prove at start-up that the key-encryption key opens them."""
+    row: Row | None = await db.fetchrow(
+        """SELECT kid, org_id, alg, private_key_enc FROM signing_keys
+           WHERE deleted_at IS NULL ORDER BY created_at DESC LIMIT 1"""
+    )
+    return row
+
+
+async def live_key_count(conn: asyncpg.Connection, org_id: str) -> int:
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM signing_keys WHERE org_id = $1 AND deleted_at IS NULL", org_id
+    )
+    return count
+
+
+async def live_key_exists(conn: asyncpg.Connection, org_id: str, kid: str) -> bool:
+    found: bool = await conn.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM signing_keys
+                          WHERE kid = $1 AND org_id = $2 AND deleted_at IS NULL)""",
+        kid,
+        org_id,
+    )
+    return found
+
+
+async def delete_signing_key(conn: asyncpg.Connection, org_id: str, kid: str) -> datetime:
+    """Soft delete: the row stays (audit; kids are never reused) but the key stops verifying
+    and its encrypted private key is wiped."""
+    deleted_at: datetime = await conn.fetchval(
+        """UPDATE signing_keys SET deleted_at = now(), private_key_enc = '\\x'::bytea
+           WHERE kid = $1 AND org_id = $2 AND deleted_at IS NULL RETURNING deleted_at""",
+        kid,
+        org_id,
+    )
+    return deleted_at
+
+
+async def live_public_jwks(db: Executor, org_id: str | None) -> list[dict[str, Any]]:
+    rows = await db.fetch(
+        """SELECT public_jwk FROM signing_keys
+           WHERE deleted_at IS NULL AND ($1::uuid IS NULL OR org_id = $1::uuid)
+           ORDER BY created_at, kid""",
+        org_id,
+    )
+    return [row["public_jwk"] for row in rows]
+
+
+# --- contacts ------------------------------------------------------------------------------
+
+
+async def upsert_contact(
+    conn: asyncpg.Connection,
+    *,
+    new_id: str,
+    org_id: str,
+    contact_key: str,
+    user_id: str | None,
+    verified_email: str | None,
+    attributes: dict[str, Any],
+) -> Row | None:
+    """Insert or update the contact for ``contact_key`` in one race-free statement.
+
+    Server attributes from this call overwrite earlier server values; omitted ones stay.
+    ``issued_at`` is read after the row lock is held, so it orders this issuance against any
+    revocation of the same contact (see contacts.revoke_tokens). Returns None when the
+    matching contact is erased (its key should have been tombstoned; never resurrect it).
+    """
+    row: Row | None = await conn.fetchrow(
+        """INSERT INTO contacts AS c (id, org_id, contact_key, user_id, verified_email, attributes)
+           VALUES ($1, $2, $3, $4, $5, $6)
+           ON CONFLICT (org_id, contact_key) DO UPDATE SET
+               user_id = COALESCE(EXCLUDED.user_id, c.user_id),
+               verified_email = COALESCE(EXCLUDED.verified_email, c.verified_email),
+               attributes = c.attributes || EXCLUDED.attributes,
+               updated_at = now()
+           WHERE c.erased_at IS NULL
+           RETURNING c.id, c.tokens_not_before, clock_timestamp() AS issued_at""",
+        new_id,
+        org_id,
+        contact_key,
+        user_id,
+        verified_email,
+        attributes,
+    )
+    return row
+
+
+async def lock_live_contact(conn: asyncpg.Connection, org_id: str, contact_id: str) -> bool:
+    found = await conn.fetchval(
+        """SELECT 1 FROM contacts WHERE id = $1 AND org_id = $2 AND erased_at IS NULL
+           FOR UPDATE""",
+        contact_id,
+        org_id,
+    )
+    return found is not None
+
+
+async def set_tokens_not_before(conn: asyncpg.Connection, contact_id: str) -> datetime:
+    """Stamp the contact's not-before: the next whole second after now (contact tokens carry
+    whole-second ``iat``), and strictly after the previous not-before. So a token issued
+    before this call (``iat`` <= its issue time < now) is revoked, and so is one issued after
+    an earlier revocation in the same second (whose ``iat`` was rounded up to that earlier
+    not-before). clock_timestamp(), not now(): the row lock is already held, so every token
+    issued before this instant has committed with an earlier issue time."""
+    not_before: datetime = await conn.fetchval(
+        """UPDATE contacts SET
+               tokens_not_before = GREATEST(
+                   date_trunc('second', clock_timestamp()) + interval '1 second',
+                   tokens_not_before + interval '1 second'),
+               updated_at = now()
+           WHERE id = $1 RETURNING tokens_not_before""",
+        contact_id,
+    )
+    return not_before

@@ -1,0 +1,151 @@
+"""Request and response bodies of the token issuance API (camelCase on the wire).
+
+Requests reject unknown fields and carry explicit size limits; one module-level decoder per
+body type. Responses are plain Structs encoded by ``json_response``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+
+from shared.policy import MAX_TOKEN_TTL_SECONDS, MIN_TOKEN_TTL_SECONDS, OrgPolicy
+from shared.widget import MAX_ORIGINS, WidgetSettings
+
+OrgName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Scalar = str | int | float | bool | None
+
+# The largest customData (encoded JSON) a contact token may carry. Sized so that a token with
+# every claim at its maximum stays under the verifier's 8 KiB limit.
+MAX_CUSTOM_DATA_BYTES = 4 * 1024
+MAX_CUSTOM_DATA_KEYS = 50
+
+
+class _Request(msgspec.Struct, frozen=True, rename="camel", forbid_unknown_fields=True):
+    pass
+
+
+class _Response(msgspec.Struct, frozen=True, rename="camel"):
+    pass
+
+
+# --- admin: orgs ---------------------------------------------------------------------------
+
+
+class CreateOrgRequest(_Request, frozen=True):
+    name: OrgName
+    policy: OrgPolicy | None = None
+
+
+class UpdateOrgRequest(_Request, frozen=True):
+    """``policy`` is an RFC 7396 merge patch onto the current policy (null resets a key)."""
+
+    name: OrgName | None = None
+    policy: dict[str, Any] | None = None
+
+
+class SigningKeyInfo(_Response, frozen=True):
+    kid: str
+    alg: str
+    created_at: datetime
+
+
+class OrgInfo(_Response, frozen=True):
+    id: str
+    name: str
+    policy: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    signing_key: SigningKeyInfo | None = None
+
+
+# --- admin: API keys -----------------------------------------------------------------------
+
+
+class CreateApiKeyRequest(_Request, frozen=True):
+    scopes: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=64)]], msgspec.Meta(min_length=1, max_length=16)
+    ]
+    expires_at: datetime | None = None
+
+
+class ApiKeyCreated(_Response, frozen=True):
+    id: str
+    key: str  # shown once
+    display_prefix: str
+    scopes: list[str]
+    created_at: datetime
+    expires_at: datetime | None = None
+
+
+class ApiKeyRevoked(_Response, frozen=True):
+    id: str
+    revoked_at: datetime
+
+
+# --- admin: widget tokens ------------------------------------------------------------------
+
+
+class CreateWidgetTokenRequest(_Request, frozen=True):
+    allowed_origins: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=300)]], msgspec.Meta(max_length=MAX_ORIGINS)
+    ]
+    settings: WidgetSettings = msgspec.field(default_factory=WidgetSettings)
+
+
+class WidgetTokenCreated(_Response, frozen=True):
+    id: str
+    token: str  # the embed token (public, but shown in full only here)
+    display_prefix: str
+    allowed_origins: list[str]
+    settings: dict[str, Any]
+    created_at: datetime
+
+
+# --- admin: signing keys -------------------------------------------------------------------
+
+
+class SigningKeyDeleted(_Response, frozen=True):
+    kid: str
+    deleted_at: datetime
+
+
+# --- POST /widget/authenticate-user --------------------------------------------------------
+
+
+class AuthenticateUserRequest(_Request, frozen=True):
+    user_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    email: Annotated[str, msgspec.Meta(min_length=3, max_length=320)] | None = None
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    external_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    # Flat: scalar values only, so no client can hide structure in a verified claim.
+    custom_data: (
+        Annotated[
+            dict[Annotated[str, msgspec.Meta(min_length=1, max_length=64)], Scalar],
+            msgspec.Meta(max_length=MAX_CUSTOM_DATA_KEYS),
+        ]
+        | None
+    ) = None
+    expires_in: (
+        Annotated[int, msgspec.Meta(ge=MIN_TOKEN_TTL_SECONDS, le=MAX_TOKEN_TTL_SECONDS)] | None
+    ) = None
+
+
+class AuthenticateUserResponse(_Response, frozen=True):
+    token: str
+    contact_id: str
+    expires_at: datetime
+
+
+class TokensRevokedResponse(_Response, frozen=True):
+    contact_id: str
+    not_before: datetime
+
+
+create_org_decoder = msgspec.json.Decoder(CreateOrgRequest)
+update_org_decoder = msgspec.json.Decoder(UpdateOrgRequest)
+create_api_key_decoder = msgspec.json.Decoder(CreateApiKeyRequest)
+create_widget_token_decoder = msgspec.json.Decoder(CreateWidgetTokenRequest)
+authenticate_user_decoder = msgspec.json.Decoder(AuthenticateUserRequest)

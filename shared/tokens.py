@@ -1,0 +1,349 @@
+"""The one contact-token verifier every service uses (RFC 8725 in practice).
+
+Order of checks, cheapest and most hostile first:
+
+1. size: more than ``MAX_TOKEN_BYTES`` is rejected before any parsing or crypto;
+2. header: ``alg`` must be in the configured list (never taken from the token), ``typ`` must be
+   ``wi-contact+jwt``, any ``crit`` is refused (we implement no extensions), ``kid`` must look
+   like one of ours; ``jku``/``jwk``/``x5u``/``x5c`` are ignored (never fetched, never used);
+3. key: ``kid`` is looked up only among our own live keys (in-process, refreshed from
+   Postgres at most once per second for unknown kids), and its algorithm must match;
+4. signature, by PyJWT with that one key and that one algorithm;
+5. claims: ``iss``/``aud`` equal exactly, ``sub``/``jti``/``org``/``iat``/``exp`` required and
+   typed, ``exp``/``nbf``/``iat`` with ``LEEWAY_SECONDS``;
+6. org: the claim, the key's org and the caller's org must all be the same (403 org_mismatch);
+7. revocation: ``iat`` before the contact's not-before, or an erased contact (401 token_revoked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import jwt
+import msgspec
+from aiohttp import web
+from prometheus_client import Counter
+
+from shared.config import Settings
+from shared.db import DB_POOL, TRANSIENT_DB_ERRORS
+from shared.errors import Problem
+from shared.http import SETTINGS
+from shared.lifecycle import add_worker
+from shared.redis import REDIS
+from shared.revocation import RevocationCache, RevocationListener
+
+log = logging.getLogger(__name__)
+
+TOKEN_TYPE = "wi-contact+jwt"
+MAX_TOKEN_BYTES = 8 * 1024
+LEEWAY_SECONDS = 30
+SUPPORTED_ALGORITHMS = ("EdDSA", "ES256")
+KID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+TOKEN_VERIFICATIONS = Counter(
+    "wi_contact_token_verifications_total", "Contact token verifications", ["result"]
+)
+
+_jws = jwt.PyJWS()
+
+
+def token_invalid(detail: str) -> Problem:
+    return Problem(401, "token_invalid", detail)
+
+
+def token_expired() -> Problem:
+    return Problem(401, "token_expired", "the contact token has expired")
+
+
+def token_revoked() -> Problem:
+    return Problem(401, "token_revoked", "the contact token has been revoked")
+
+
+def org_mismatch() -> Problem:
+    return Problem(403, "org_mismatch", "the contact token belongs to another organisation")
+
+
+@dataclass(frozen=True, slots=True)
+class ContactClaims:
+    """A verified contact token's claims."""
+
+    contact_id: str
+    org_id: str
+    jti: str
+    issued_at: datetime
+    expires_at: datetime
+    user_id: str | None
+    email: str | None
+    name: str | None
+    external_id: str | None
+    custom_data: dict[str, Any] | None
+
+
+class _Claims(msgspec.Struct, frozen=True):
+    """The payload as we issue it; anything missing or of the wrong type is token_invalid.
+    ``aud`` must be one string (a list naming us and someone else is refused)."""
+
+    iss: str
+    aud: str
+    sub: str
+    org: str
+    iat: int
+    exp: int
+    jti: str
+    nbf: int | None = None
+    userId: str | None = None
+    email: str | None = None
+    name: str | None = None
+    externalId: str | None = None
+    customData: dict[str, Any] | None = None
+
+
+_claims_decoder = msgspec.json.Decoder(_Claims)
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKey:
+    kid: str
+    org_id: str
+    alg: str
+    key: Any  # a cryptography public key object, parsed once
+    jwk: dict[str, Any]
+
+
+def public_key_from_jwk(kid: str, org_id: str, alg: str, jwk: dict[str, Any]) -> PublicKey:
+    return PublicKey(kid=kid, org_id=org_id, alg=alg, key=jwt.PyJWK(jwk, alg).key, jwk=jwk)
+
+
+class KeyStore:
+    """Every org's live public keys, by kid, in memory.
+
+    Refreshed from Postgres in the background every ``max_age`` seconds, and on demand when an
+    unknown kid shows up, at most once per ``min_refresh_interval``: a flood of made-up kids
+    costs a handful of DB reads, not one each. If Postgres is down, the last good keys stay.
+    """
+
+    def __init__(self, *, max_age: float = 30.0, min_refresh_interval: float = 1.0) -> None:
+        self._max_age = max_age
+        self._min_interval = min_refresh_interval
+        self._keys: dict[str, PublicKey] = {}
+        self._loaded_at: float | None = None
+        self._attempted_at = float("-inf")
+        self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
+        self._deleted: set[str] = set()
+        self.db_loads = 0
+
+    async def get(self, pool: asyncpg.Pool, kid: str) -> PublicKey | None:
+        now = time.monotonic()
+        key = self._keys.get(kid)
+        if key is not None:
+            stale = self._loaded_at is None or now - self._loaded_at > self._max_age
+            if stale and (self._background is None or self._background.done()):
+                self._background = asyncio.create_task(self._refresh_quietly(pool))
+            return key
+        if kid in self._deleted or now - self._attempted_at < self._min_interval:
+            return None
+        await self.refresh(pool)
+        return self._keys.get(kid)
+
+    async def _refresh_quietly(self, pool: asyncpg.Pool) -> None:
+        try:
+            await self.refresh(pool)
+        except TRANSIENT_DB_ERRORS as exc:
+            log.warning(
+                "signing keys refresh failed; keeping last good keys", extra={"error": repr(exc)}
+            )
+
+    async def refresh(self, pool: asyncpg.Pool) -> None:
+        requested = time.monotonic()
+        async with self._lock:
+            if self._attempted_at >= requested:
+                return  # someone refreshed while we waited
+            self._attempted_at = time.monotonic()
+            self.db_loads += 1
+            try:
+                rows = await pool.fetch(
+                    """SELECT kid, org_id, alg, public_jwk FROM signing_keys
+                       WHERE deleted_at IS NULL"""
+                )
+            except TRANSIENT_DB_ERRORS:
+                if self._loaded_at is None:
+                    raise  # nothing good to fall back on
+                log.warning("signing keys unavailable; keeping last good keys")
+                return
+            fresh: dict[str, PublicKey] = {}
+            for row in rows:
+                kid = row["kid"]
+                if kid in self._deleted:
+                    continue
+                existing = self._keys.get(kid)
+                fresh[kid] = existing or public_key_from_jwk(
+                    kid, str(row["org_id"]), row["alg"], row["public_jwk"]
+                )
+            self._keys = fresh
+            self._loaded_at = time.monotonic()
+
+    def forget(self, kid: str) -> None:
+        """A key was deleted: stop accepting it now, and never bring it back."""
+        self._deleted.add(kid)
+        self._keys.pop(kid, None)
+
+    def expire(self) -> None:
+        """Make the next lookup refresh (e.g. after this process rotated a key)."""
+        self._loaded_at = None
+        self._attempted_at = float("-inf")
+
+    def snapshot(self) -> list[PublicKey]:
+        return list(self._keys.values())
+
+
+class ContactTokenVerifier:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool | None = None,
+        *,
+        keys: KeyStore | None = None,
+        revocations: RevocationCache | None = None,
+    ) -> None:
+        algorithms = tuple(settings.token_algorithms)
+        unsupported = set(algorithms) - set(SUPPORTED_ALGORITHMS)
+        if not algorithms or unsupported:
+            raise ValueError(f"token algorithms must be among {SUPPORTED_ALGORITHMS}")
+        self._algorithms = frozenset(algorithms)
+        self._issuer = settings.token_issuer
+        self._audience = settings.token_audience
+        self._pool = pool
+        self.keys = keys or KeyStore()
+        self.revocations = revocations or RevocationCache()
+        self._key_deleted_hooks: list[Callable[[str], None]] = []
+
+    def bind(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    def on_key_deleted(self, hook: Callable[[str], None]) -> None:
+        """Also call ``hook(kid)`` when any process deletes a signing key (e.g. a signer's
+        private-key cache)."""
+        self._key_deleted_hooks.append(hook)
+
+    def key_deleted(self, kid: str) -> None:
+        self.keys.forget(kid)
+        for hook in self._key_deleted_hooks:
+            hook(kid)
+
+    async def verify(self, token: str, *, org_id: str) -> ContactClaims:
+        """Raises Problem: 401 token_invalid / token_expired / token_revoked, 403 org_mismatch."""
+        try:
+            claims = await self._verify(token, org_id)
+        except Problem as problem:
+            TOKEN_VERIFICATIONS.labels(problem.code).inc()
+            raise
+        TOKEN_VERIFICATIONS.labels("ok").inc()
+        return claims
+
+    async def _verify(self, token: str, org_id: str) -> ContactClaims:
+        if self._pool is None:
+            raise RuntimeError("ContactTokenVerifier used before bind(pool)")
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES or not token.isascii():
+            raise token_invalid("the contact token is malformed or too large")
+        try:
+            header = _jws.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise token_invalid("the contact token is malformed") from None
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise token_invalid("the contact token's algorithm is not accepted")
+        if header.get("typ") != TOKEN_TYPE:
+            raise token_invalid(f"the contact token's typ must be {TOKEN_TYPE!r}")
+        if "crit" in header or "b64" in header:
+            raise token_invalid("the contact token uses unsupported critical extensions")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not KID_PATTERN.match(kid):
+            raise token_invalid("the contact token has no valid key id")
+        key = await self.keys.get(self._pool, kid)
+        if key is None or key.alg != alg:
+            raise token_invalid("the contact token was not signed by a live key")
+        try:
+            payload = _jws.decode_complete(token, key.key, algorithms=[key.alg])["payload"]
+            claims = _claims_decoder.decode(payload)
+        except (jwt.PyJWTError, msgspec.DecodeError):
+            raise token_invalid("the contact token's signature or claims are invalid") from None
+        self._check_claims(claims)
+        if claims.org != key.org_id or claims.org != org_id:
+            raise org_mismatch()
+        state = await self.revocations.state(self._pool, org_id, claims.sub)
+        if state.revokes(claims.iat):
+            raise token_revoked()
+        return ContactClaims(
+            contact_id=claims.sub,
+            org_id=claims.org,
+            jti=claims.jti,
+            issued_at=datetime.fromtimestamp(claims.iat, UTC),
+            expires_at=datetime.fromtimestamp(claims.exp, UTC),
+            user_id=claims.userId,
+            email=claims.email,
+            name=claims.name,
+            external_id=claims.externalId,
+            custom_data=claims.customData,
+        )
+
+    def _check_claims(self, claims: _Claims) -> None:
+        # Exact comparisons only: no prefix, substring or list membership.
+        if claims.iss != self._issuer:
+            raise token_invalid("the contact token's issuer is wrong")
+        if claims.aud != self._audience:
+            raise token_invalid("the contact token's audience is wrong")
+        try:
+            uuid.UUID(claims.sub)
+        except ValueError:
+            raise token_invalid("the contact token's subject is malformed") from None
+        if not claims.jti or not claims.org:
+            raise token_invalid("the contact token lacks a jti or org")
+        now = time.time()
+        if claims.exp <= now - LEEWAY_SECONDS:
+            raise token_expired()
+        if claims.iat > now + LEEWAY_SECONDS:
+            raise token_invalid("the contact token is issued in the future")
+        if claims.nbf is not None and claims.nbf > now + LEEWAY_SECONDS:
+            raise token_invalid("the contact token is not valid yet")
+        if claims.exp <= claims.iat:
+            raise token_invalid("the contact token expires before it is issued")
+
+
+CONTACT_TOKENS: web.AppKey[ContactTokenVerifier] = web.AppKey(
+    "contact_tokens", ContactTokenVerifier
+)
+
+
+def install_verifier(app: web.Application) -> None:
+    """Idempotent. Adds ``app[CONTACT_TOKENS]`` and the revocation listener worker to an app
+    built by ``service_app``; the verifier binds to the app's pool at start-up."""
+    if CONTACT_TOKENS in app:
+        return
+    settings = app[SETTINGS]
+    verifier = ContactTokenVerifier(settings)
+    app[CONTACT_TOKENS] = verifier
+
+    async def bind(app: web.Application) -> AsyncIterator[None]:
+        verifier.bind(app[DB_POOL])
+        yield
+
+    app.cleanup_ctx.append(bind)
+    add_worker(
+        app,
+        "token-revocations",
+        lambda app: (
+            RevocationListener(
+                settings, app[REDIS], verifier.revocations, on_key_deleted=verifier.key_deleted
+            ).run
+        ),
+    )

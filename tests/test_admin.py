@@ -1,0 +1,414 @@
+"""The admin API (/admin/v1, bearer ADMIN_TOKEN) and the same operations on the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import web
+
+from services.token_issuance.app import create_app
+from shared.config import Settings
+from tests.conftest import ADMIN_TOKEN
+from tests.support.server import Api, Reply, running
+from tests.support.tokens import provision_org
+
+
+@dataclass
+class Env:
+    api: Api
+    app: web.Application
+    pool: asyncpg.Pool
+    settings: Settings
+
+    async def admin(self, method: str, path: str, body: Any = None) -> Reply:
+        return await self.api.request(method, "/admin/v1" + path, json=body, token=ADMIN_TOKEN)
+
+    async def count(self, table: str) -> int:
+        value: int = await self.pool.fetchval(f"SELECT count(*) FROM {table}")
+        return value
+
+
+@pytest.fixture
+async def env(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Env]:
+    app = create_app(settings)
+    async with running(app) as api:
+        yield Env(api=api, app=app, pool=pool, settings=settings)
+
+
+async def test_the_admin_api_needs_the_admin_token(env: Env) -> None:
+    org = await provision_org(env.api)
+    routes = [
+        ("POST", "/admin/v1/orgs", {"name": "X"}),
+        ("GET", f"/admin/v1/orgs/{org.org_id}", None),
+        ("PATCH", f"/admin/v1/orgs/{org.org_id}", {"policy": {}}),
+        ("POST", f"/admin/v1/orgs/{org.org_id}/api-keys", {"scopes": ["history:read"]}),
+        ("DELETE", f"/admin/v1/orgs/{org.org_id}/api-keys/{org.api_key_id}", None),
+        (
+            "POST",
+            f"/admin/v1/orgs/{org.org_id}/widget-tokens",
+            {"allowedOrigins": ["https://a.example"]},
+        ),
+        ("POST", f"/admin/v1/orgs/{org.org_id}/signing-keys", None),
+        ("DELETE", f"/admin/v1/orgs/{org.org_id}/signing-keys/{org.kid}", None),
+    ]
+    for token in (None, "wrong-" + ADMIN_TOKEN, org.api_key):
+        for method, path, body in routes:
+            reply = await env.api.request(method, path, json=body, token=token)
+            assert reply.status == 401, (method, path, reply.body)
+            assert reply.json["code"] == "invalid_admin_token"
+    assert await env.count("orgs") == 1
+    assert await env.count("signing_keys") == 1
+
+
+async def test_an_org_is_created_with_its_policy_and_a_signing_key(env: Env) -> None:
+    created = await env.admin(
+        "POST", "/orgs", {"name": "Acme", "policy": {"mergeAnonymousOnLogin": False}}
+    )
+    assert created.status == 201, created.body
+    assert created.json["policy"] == {
+        "mergeAnonymousOnLogin": False,
+        "requireSignedExternalId": False,
+        "tokenMaxTtlSeconds": 86400,
+        "rateLimits": {
+            "authenticatePerKey": None,
+            "sessionsPerIp": None,
+            "sessionsPerWidgetToken": None,
+            "sessionsPerVisitor": None,
+        },
+    }
+    kid = created.json["signingKey"]["kid"]
+    assert created.json["signingKey"]["alg"] == "EdDSA"
+    jwks = (await env.api.get(f"/.well-known/jwks.json?org={created.json['id']}")).json
+    assert [k["kid"] for k in jwks["keys"]] == [kid]
+    shown = await env.admin("GET", f"/orgs/{created.json['id']}")
+    assert shown.json["policy"] == created.json["policy"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": ""},
+        {"name": "x" * 201},
+        {"name": "   "},
+        {"name": "Acme", "policy": {"unknownSwitch": True}},
+        {"name": "Acme", "policy": {"tokenMaxTtlSeconds": 10}},
+        {"name": "Acme", "policy": {"tokenMaxTtlSeconds": "600"}},
+        {"name": "Acme", "policy": {"rateLimits": {"authenticatePerKey": 0}}},
+        {"name": "Acme", "policy": {"rateLimits": {"perMoon": 1}}},
+        {"name": "Acme", "policy": []},
+        {"name": "Acme", "id": "00000000-0000-4000-8000-000000000000"},
+    ],
+)
+async def test_a_bad_org_is_a_422_and_nothing_is_created(env: Env, body: dict[str, Any]) -> None:
+    reply = await env.admin("POST", "/orgs", body)
+    assert reply.status == 422, reply.body
+    assert reply.json["code"] == "validation_failed"
+    assert await env.count("orgs") == 0
+    assert await env.count("signing_keys") == 0
+
+
+async def test_policy_updates_are_merge_patches_validated_as_a_whole(env: Env) -> None:
+    org = await provision_org(env.api, policy={"mergeAnonymousOnLogin": False})
+    path = f"/orgs/{org.org_id}"
+    patched = await env.admin(
+        "PATCH", path, {"policy": {"tokenMaxTtlSeconds": 600, "rateLimits": {"sessionsPerIp": 7}}}
+    )
+    assert patched.status == 200, patched.body
+    policy = patched.json["policy"]
+    assert policy["mergeAnonymousOnLogin"] is False  # untouched
+    assert policy["tokenMaxTtlSeconds"] == 600
+    assert policy["rateLimits"]["sessionsPerIp"] == 7
+    # Takes effect at once on this replica.
+    too_long = await env.api.post(
+        "/widget/authenticate-user", json={"userId": "u", "expiresIn": 601}, token=org.api_key
+    )
+    assert too_long.status == 422
+    reset = await env.admin("PATCH", path, {"policy": {"tokenMaxTtlSeconds": None}})
+    assert reset.json["policy"]["tokenMaxTtlSeconds"] == 86400
+    bad = await env.admin("PATCH", path, {"policy": {"tokenMaxTtlSeconds": 1}})
+    assert bad.status == 422
+    unknown = await env.admin("PATCH", path, {"policy": {"newThing": 1}})
+    assert unknown.status == 422
+    stored = await env.pool.fetchval("SELECT policy FROM orgs WHERE id = $1", org.org_id)
+    assert stored == reset.json["policy"]
+    renamed = await env.admin("PATCH", path, {"name": "Renamed"})
+    assert renamed.json["name"] == "Renamed"
+
+
+async def test_a_widget_token_is_created_hashed_with_exact_origins_and_settings(
+    env: Env,
+) -> None:
+    org = await provision_org(env.api)
+    settings = {
+        "collectUserData": True,
+        "prefillUserData": {"email": True},
+        "extraDataCollectionFields": [
+            {"name": "company", "label": "Company", "required": True, "maxLength": 80},
+            {"name": "seats", "label": "Seats", "type": "number"},
+        ],
+    }
+    reply = await env.admin(
+        "POST",
+        f"/orgs/{org.org_id}/widget-tokens",
+        {
+            "allowedOrigins": [
+                "https://Shop.Example:443",
+                "http://localhost:3000",
+                "https://shop.example",
+            ],
+            "settings": settings,
+        },
+    )
+    assert reply.status == 201, reply.body
+    token = reply.json["token"]
+    assert token.startswith("wit_")
+    assert reply.json["allowedOrigins"] == ["https://shop.example", "http://localhost:3000"]
+    assert reply.json["settings"]["extraDataCollectionFields"][1] == {
+        "name": "seats",
+        "label": "Seats",
+        "type": "number",
+        "required": False,
+        "maxLength": 200,
+    }
+    row = await env.pool.fetchrow(
+        "SELECT token_hash, display_prefix, allowed_origins, settings, widget_tokens::text AS dump"
+        " FROM widget_tokens WHERE id = $1",
+        reply.json["id"],
+    )
+    assert row["token_hash"] == hashlib.sha256(token.encode()).digest()
+    assert token not in row["dump"]
+    assert row["allowed_origins"] == ["https://shop.example", "http://localhost:3000"]
+    assert row["settings"] == reply.json["settings"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"allowedOrigins": []},
+        {"allowedOrigins": ["https://*.example.com"]},
+        {"allowedOrigins": ["https://shop.example/path"]},
+        {"allowedOrigins": ["https://shop.example?x=1"]},
+        {"allowedOrigins": ["ftp://shop.example"]},
+        {"allowedOrigins": ["shop.example"]},
+        {"allowedOrigins": ["https://user:pw@shop.example"]},
+        {"allowedOrigins": ["https://shop.example:99999"]},
+        {"allowedOrigins": ["https://a.example"] * 51},
+        {"allowedOrigins": ["https://a.example"], "settings": {"collectUserData": "yes"}},
+        {"allowedOrigins": ["https://a.example"], "settings": {"theme": "dark"}},
+        {"allowedOrigins": ["https://a.example"], "settings": {"prefillUserData": {"phone": True}}},
+        {
+            "allowedOrigins": ["https://a.example"],
+            "settings": {
+                "extraDataCollectionFields": [{"name": f"f{i}", "label": "F"} for i in range(11)]
+            },
+        },
+        {
+            "allowedOrigins": ["https://a.example"],
+            "settings": {"extraDataCollectionFields": [{"name": "1bad", "label": "F"}]},
+        },
+        {
+            "allowedOrigins": ["https://a.example"],
+            "settings": {"extraDataCollectionFields": [{"name": "email", "label": "E"}]},
+        },
+        {
+            "allowedOrigins": ["https://a.example"],
+            "settings": {
+                "extraDataCollectionFields": [
+                    {"name": "a", "label": "A"},
+                    {"name": "a", "label": "B"},
+                ]
+            },
+        },
+        {
+            "allowedOrigins": ["https://a.example"],
+            "settings": {
+                "extraDataCollectionFields": [{"name": "a", "label": "A", "type": "file"}]
+            },
+        },
+        {
+            "allowedOrigins": ["https://a.example"],
+            "settings": {
+                "extraDataCollectionFields": [{"name": "a", "label": "A", "maxLength": 100_000}]
+            },
+        },
+    ],
+)
+async def test_a_bad_widget_token_is_a_422_and_nothing_is_created(
+    env: Env, body: dict[str, Any]
+) -> None:
+    org = await provision_org(env.api)
+    before = await env.count("widget_tokens")
+    reply = await env.admin("POST", f"/orgs/{org.org_id}/widget-tokens", body)
+    assert reply.status == 422, reply.body
+    assert await env.count("widget_tokens") == before
+
+
+async def test_signing_keys_rotate_and_delete_but_never_the_last_one(env: Env) -> None:
+    org = await provision_org(env.api)
+    org_b = await provision_org(env.api, name="Beta")
+    last = await env.admin("DELETE", f"/orgs/{org.org_id}/signing-keys/{org.kid}")
+    assert (last.status, last.json["code"]) == (409, "last_signing_key")
+    rotated = await env.admin("POST", f"/orgs/{org.org_id}/signing-keys")
+    assert rotated.status == 201
+    new_kid = rotated.json["kid"]
+    jwks = (await env.api.get(f"/.well-known/jwks.json?org={org.org_id}")).json
+    assert {k["kid"] for k in jwks["keys"]} == {org.kid, new_kid}
+    # Another org's key through this org's path does not exist.
+    foreign = await env.admin("DELETE", f"/orgs/{org.org_id}/signing-keys/{org_b.kid}")
+    assert foreign.status == 404
+    for bad_kid in ("no-such-kid-123", "../etc", "x"):
+        assert (
+            await env.admin("DELETE", f"/orgs/{org.org_id}/signing-keys/{bad_kid}")
+        ).status == 404
+    deleted = await env.admin("DELETE", f"/orgs/{org.org_id}/signing-keys/{org.kid}")
+    assert deleted.status == 200, deleted.body
+    assert deleted.json["kid"] == org.kid
+    jwks = (await env.api.get(f"/.well-known/jwks.json?org={org.org_id}")).json
+    assert [k["kid"] for k in jwks["keys"]] == [new_kid]
+    wiped = await env.pool.fetchval(
+        "SELECT length(private_key_enc) FROM signing_keys WHERE kid = $1", org.kid
+    )
+    assert wiped == 0
+    again = await env.admin("DELETE", f"/orgs/{org.org_id}/signing-keys/{org.kid}")
+    assert again.status == 404
+
+
+async def test_unknown_and_malformed_org_ids_are_404(env: Env) -> None:
+    missing = "00000000-0000-4000-8000-000000000000"
+    for method, path, body in [
+        ("GET", f"/orgs/{missing}", None),
+        ("PATCH", f"/orgs/{missing}", {"name": "X"}),
+        ("POST", f"/orgs/{missing}/api-keys", {"scopes": ["history:read"]}),
+        ("POST", f"/orgs/{missing}/widget-tokens", {"allowedOrigins": ["https://a.example"]}),
+        ("POST", f"/orgs/{missing}/signing-keys", None),
+        ("GET", "/orgs/not-a-uuid", None),
+        ("DELETE", f"/orgs/{missing}/api-keys/also-not-a-uuid", None),
+    ]:
+        reply = await env.admin(method, path, body)
+        assert reply.status == 404, (method, path, reply.body)
+        assert reply.json["code"] == "not_found"
+
+
+async def cli(settings: Settings, *args: str) -> tuple[int, Any, str]:
+    assert settings.key_encryption_key is not None
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(settings.key_encryption_key).decode(),
+        "STREAM_PREFIX": settings.stream_prefix,
+        "LOG_JSON": "false",
+    }
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "widget-identity"),
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    parsed = json.loads(out) if out.strip() else None
+    assert process.returncode is not None
+    return process.returncode, parsed, err.decode()
+
+
+async def test_the_cli_does_the_same_operations_and_prints_json(env: Env) -> None:
+    code, org, err = await cli(
+        env.settings, "org", "create", "--name", "CLI Co", "--policy", '{"tokenMaxTtlSeconds": 600}'
+    )
+    assert code == 0, err
+    org_id = org["id"]
+    assert org["policy"]["tokenMaxTtlSeconds"] == 600
+    code, key, err = await cli(
+        env.settings,
+        "api-key",
+        "create",
+        "--org",
+        org_id,
+        "--scopes",
+        "contacts:authenticate,contacts:manage",
+    )
+    assert code == 0, err
+    assert key["key"].startswith("wik_")
+    code, widget, err = await cli(
+        env.settings,
+        "widget-token",
+        "create",
+        "--org",
+        org_id,
+        "--origin",
+        "https://a.example",
+        "--origin",
+        "https://B.example:443",
+        "--settings",
+        '{"collectUserData": true}',
+    )
+    assert code == 0, err
+    assert widget["allowedOrigins"] == ["https://a.example", "https://b.example"]
+    code, patched, err = await cli(
+        env.settings,
+        "org",
+        "update-policy",
+        "--org",
+        org_id,
+        "--policy",
+        '{"tokenMaxTtlSeconds": 900}',
+    )
+    assert code == 0, err
+    assert patched["policy"]["tokenMaxTtlSeconds"] == 900
+    code, rotated, err = await cli(env.settings, "keys", "rotate", "--org", org_id)
+    assert code == 0, err
+    assert rotated["kid"] != org["signingKey"]["kid"]
+    # What the CLI made works over HTTP.
+    reply = await env.api.post("/widget/authenticate-user", json={"userId": "u1"}, token=key["key"])
+    assert reply.status == 200, reply.body
+    code, deleted, err = await cli(
+        env.settings, "keys", "delete", "--org", org_id, "--kid", org["signingKey"]["kid"]
+    )
+    assert code == 0, err
+    assert deleted["kid"] == org["signingKey"]["kid"]
+    jwks = (await env.api.get(f"/.well-known/jwks.json?org={org_id}")).json
+    assert [k["kid"] for k in jwks["keys"]] == [rotated["kid"]]
+    code, revoked, err = await cli(
+        env.settings, "api-key", "revoke", "--org", org_id, "--key-id", key["id"]
+    )
+    assert code == 0, err
+    assert revoked["id"] == key["id"]
+    # Refusals are the HTTP API's problems, on stderr, exit 1, nothing written.
+    code, _, err = await cli(
+        env.settings, "org", "create", "--name", "X", "--policy", '{"bogus": 1}'
+    )
+    assert code == 1
+    assert json.loads(err.strip().splitlines()[-1])["code"] == "validation_failed"
+    code, _, err = await cli(
+        env.settings, "widget-token", "create", "--org", org_id, "--origin", "https://*.example"
+    )
+    assert code == 1
+    assert await env.count("orgs") == 1
+
+
+async def test_a_token_minted_by_the_cli_created_org_verifies(env: Env) -> None:
+    code, org, err = await cli(env.settings, "org", "create", "--name", "CLI Co")
+    assert code == 0, err
+    code, key, err = await cli(
+        env.settings, "api-key", "create", "--org", org["id"], "--scopes", "contacts:authenticate"
+    )
+    assert code == 0, err
+
+    minted = await env.api.post(
+        "/widget/authenticate-user", json={"userId": "u1"}, token=key["key"]
+    )
+    assert minted.status == 200, minted.body
+    jwks = (await env.api.get("/.well-known/jwks.json")).json
+    assert org["signingKey"]["kid"] in {k["kid"] for k in jwks["keys"]}
