@@ -223,21 +223,27 @@ async def test_a_right_prefix_with_a_wrong_secret_costs_what_a_random_key_costs(
     env: Env,
 ) -> None:
     prefix = env.org.api_key[:12]
-    timings: dict[str, list[float]] = {"prefix": [], "random": []}
-    for i in range(600):
-        kind = "prefix" if i % 2 == 0 else "random"
-        fake = (
-            prefix + secrets.token_urlsafe(32)[:35]
-            if kind == "prefix"
-            else "wik_" + secrets.token_urlsafe(32)
-        )
-        started = time.perf_counter()
-        reply = await env.authenticate({"Authorization": f"Bearer {fake}"})
-        timings[kind].append(time.perf_counter() - started)
-        assert reply.status == 401
-    # Drop warm-up; interleaving keeps drift out of the comparison.
-    p = _mann_whitney_p(timings["prefix"][50:], timings["random"][50:])
-    assert p > 0.01, p
+
+    async def p_value() -> float:
+        timings: dict[str, list[float]] = {"prefix": [], "random": []}
+        for i in range(600):
+            kind = "prefix" if i % 2 == 0 else "random"
+            fake = (
+                prefix + secrets.token_urlsafe(32)[:35]
+                if kind == "prefix"
+                else "wik_" + secrets.token_urlsafe(32)
+            )
+            started = time.perf_counter()
+            reply = await env.authenticate({"Authorization": f"Bearer {fake}"})
+            timings[kind].append(time.perf_counter() - started)
+            assert reply.status == 401
+        # Drop warm-up; interleaving keeps drift out of the comparison.
+        return _mann_whitney_p(timings["prefix"][50:], timings["random"][50:])
+
+    # At p <= 0.01 one run in a hundred fails by chance on a quiet machine; a real leak fails
+    # every run. So a low p-value is measured again before it counts.
+    first = await p_value()
+    assert first > 0.01 or await p_value() > 0.01, first
 
 
 async def test_a_key_cannot_be_revoked_through_another_org(env: Env) -> None:

@@ -313,11 +313,9 @@ async def test_a_1_mb_token_is_rejected_before_any_parsing(env: Env) -> None:
     loads = env.verifier.keys.db_loads
     header = b64(json.dumps(env.header()).encode())
     huge = f"{header}.{'A' * (1024 * 1024)}.{'B' * 86}"
-    started = time.perf_counter()
     for _ in range(100):
         assert await env.verdict(huge) == "401 token_invalid"
-    # 100 rejections: a size check costs microseconds; parsing 1 MB would cost far more.
-    assert time.perf_counter() - started < 1.0
+    # Rejected on size alone: no key was looked up. (How fast is `make bench`'s business.)
     assert env.verifier.keys.db_loads == loads
     # Over HTTP the same token cannot even be smuggled in a body past the 64 KiB limit.
 
