@@ -67,6 +67,16 @@ class SessionResolved(Event, frozen=True, tag="session.resolved"):
     data: SessionResolvedData
 
 
+class SessionEndedData(_Data, frozen=True):
+    session_id: str
+    visitor_id: str
+    reason: str  # "logout" | "device_revoked" | "tokens_revoked"
+
+
+class SessionEnded(Event, frozen=True, tag="session.ended"):
+    data: SessionEndedData
+
+
 class ContactAuthenticatedData(_Data, frozen=True):
     contact_id: str
     jti: str
@@ -137,6 +147,7 @@ class ContactErased(Event, frozen=True, tag="contact.erased"):
 EVENT_TYPES: tuple[type[Event], ...] = (
     VisitorCreated,
     SessionResolved,
+    SessionEnded,
     ContactAuthenticated,
     HistoryMergeRequested,
     HistoryMerged,
@@ -148,6 +159,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 AnyEvent = (
     VisitorCreated
     | SessionResolved
+    | SessionEnded
     | ContactAuthenticated
     | HistoryMergeRequested
     | HistoryMerged

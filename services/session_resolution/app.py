@@ -2,16 +2,68 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from aiohttp import web
 
+from services.session_resolution import consumers
+from services.session_resolution.cache import SessionCache
+from services.session_resolution.deps import (
+    SESSION_CACHE,
+    SESSION_CONFIG,
+    SESSION_LIMITER,
+    SessionConfig,
+)
+from services.session_resolution.routes import add_routes
 from shared.config import Settings
+from shared.consumer import StreamConsumer
+from shared.db import DB_POOL
+from shared.http import SETTINGS
+from shared.lifecycle import Worker, add_worker
+from shared.outbox import OUTBOX
+from shared.policy import install_policies
+from shared.ratelimit import RateLimiter
+from shared.redis import REDIS
 from shared.service import service_app
+from shared.tokens import install_verifier
+from shared.widget import install_widget_tokens
 
 NAME = "session-resolution"
 
 
 def setup(app: web.Application) -> None:
-    """Add this service's routes and workers to an app built by ``service_app``."""
+    """Add this service's routes and workers to an app built by ``service_app``.
+
+    Shared dependencies are installed only if absent (all-in-one composes several setups).
+    Tests may replace ``SESSION_CONFIG`` before start-up. Every replica also runs the
+    revocation consumer (group ``session-resolution``, see consumers.py).
+    """
+    install_verifier(app)
+    install_policies(app)
+    install_widget_tokens(app)
+    if SESSION_CONFIG not in app:
+        app[SESSION_CONFIG] = SessionConfig()
+
+    async def redis_backed(app: web.Application) -> AsyncIterator[None]:
+        # Runs after the base app's Redis context opened the client.
+        prefix = app[SETTINGS].stream_prefix
+        app[SESSION_CACHE] = SessionCache(app[REDIS], prefix)
+        app[SESSION_LIMITER] = RateLimiter(app[REDIS], prefix)
+        yield
+
+    app.cleanup_ctx.append(redis_backed)
+    add_routes(app)
+
+    def revocation_consumer(app: web.Application) -> Worker:
+        return StreamConsumer(
+            app[SETTINGS],
+            app[DB_POOL],
+            app[REDIS],
+            group=consumers.GROUP,
+            handlers=consumers.handlers(app[OUTBOX]),
+        ).run
+
+    add_worker(app, "session-revocation-consumer", revocation_consumer)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -1,0 +1,139 @@
+"""The Redis side of session resolution: the fast path for returning visitors and session
+tokens. Postgres stays the truth; Redis only saves reads and, above all, writes.
+
+Keys (``{prefix}`` is ``Settings.stream_prefix``):
+
+- ``{prefix}sr:v:<sha256(visitor token) hex>`` -> the visitor's state: id, org, remembered
+  browser values, last seen, and its current session (id, fingerprint, expiry, wrapped token).
+- ``{prefix}sr:s:<sha256(session token) hex>`` -> the session record behind a session token.
+
+Invalidation must never lose a race with a reader that is about to (re)fill the cache from
+an older Postgres read: logout and device revocation *bury* keys (write a tombstone) before
+their transaction commits, and every fill is a conditional write that leaves a tombstone in
+place (one Lua script). A buried visitor token therefore reads as "unknown" and gets a new
+visitor; a buried session token reads as ended.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+import redis.asyncio as aioredis
+
+TOMBSTONE = b"\x00ended"
+Buried = Literal["buried"]
+BURIED: Buried = "buried"
+
+# Fill unless buried. ARGV: value, ttl in ms, tombstone.
+_FILL = """
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+class CurrentSession(msgspec.Struct, frozen=True, array_like=True):
+    id: str
+    fingerprint: str
+    expires_at: float  # epoch seconds
+    wrapped: bytes  # the session token, sealed to the visitor token (session_tokens.py)
+    contact_token_iat: int | None
+
+
+class VisitorState(msgspec.Struct, frozen=True, array_like=True):
+    visitor_id: str
+    org_id: str
+    attributes: dict[str, str | int | float | bool | None]
+    last_seen: float  # epoch seconds
+    session: CurrentSession | None
+
+
+class SessionRecord(msgspec.Struct, frozen=True, array_like=True):
+    """What a session token unlocks, without a Postgres read."""
+
+    id: str
+    org_id: str
+    visitor_id: str
+    widget_token_id: str
+    level: str
+    contact_id: str | None
+    external_id: str
+    expires_at: float  # epoch seconds
+    contact_token_iat: int | None
+
+
+_visitor_decoder = msgspec.msgpack.Decoder(VisitorState)
+_session_decoder = msgspec.msgpack.Decoder(SessionRecord)
+_encoder = msgspec.msgpack.Encoder()
+
+
+class SessionCache:
+    def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
+        self._redis = redis
+        self._prefix = f"{prefix}sr:"
+        self._fill = redis.register_script(_FILL)
+
+    def _visitor_key(self, visitor_token_hash: bytes) -> str:
+        return f"{self._prefix}v:{visitor_token_hash.hex()}"
+
+    def _session_key(self, session_token_hash: bytes) -> str:
+        return f"{self._prefix}s:{session_token_hash.hex()}"
+
+    async def visitor(self, visitor_token_hash: bytes) -> VisitorState | Buried | None:
+        raw = await self._redis.get(self._visitor_key(visitor_token_hash))
+        if not isinstance(raw, bytes):
+            return None
+        if raw == TOMBSTONE:
+            return BURIED
+        try:
+            return _visitor_decoder.decode(raw)
+        except msgspec.DecodeError:
+            return None  # an older layout: read Postgres and refill
+
+    async def put_visitor(
+        self, visitor_token_hash: bytes, state: VisitorState, ttl_seconds: float
+    ) -> None:
+        await self._fill(
+            keys=[self._visitor_key(visitor_token_hash)],
+            args=[_encoder.encode(state), max(1, int(ttl_seconds * 1000)), TOMBSTONE],
+        )
+
+    async def session(self, session_token_hash: bytes) -> SessionRecord | Buried | None:
+        raw = await self._redis.get(self._session_key(session_token_hash))
+        if not isinstance(raw, bytes):
+            return None
+        if raw == TOMBSTONE:
+            return BURIED
+        try:
+            return _session_decoder.decode(raw)
+        except msgspec.DecodeError:
+            return None
+
+    async def put_session(
+        self, session_token_hash: bytes, record: SessionRecord, ttl_seconds: float
+    ) -> None:
+        await self._fill(
+            keys=[self._session_key(session_token_hash)],
+            args=[_encoder.encode(record), max(1, int(ttl_seconds * 1000)), TOMBSTONE],
+        )
+
+    async def bury(
+        self,
+        *,
+        visitor_token_hashes: list[bytes],
+        session_token_hashes: list[tuple[bytes, float]],
+        visitor_ttl_seconds: float,
+    ) -> None:
+        """Tombstone a visitor token and session tokens (each kept while it could be live)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for token_hash in visitor_token_hashes:
+            pipe.set(
+                self._visitor_key(token_hash),
+                TOMBSTONE,
+                px=max(1, int(visitor_ttl_seconds * 1000)),
+            )
+        for token_hash, ttl in session_token_hashes:
+            pipe.set(self._session_key(token_hash), TOMBSTONE, px=max(1, int(ttl * 1000)))
+        await pipe.execute()

@@ -1,0 +1,405 @@
+"""HTTP handlers of session resolution: parse, call the rules and stores, respond.
+
+Public (browser) endpoints, CORS-checked and rate limited:
+  POST /widget/sessions, GET /widget/sessions/{id}/history, POST /widget/sessions/{id}/logout
+Internal (API key) endpoints:
+  GET /v1/sessions/{id} (sessions:read),
+  GET /v1/contacts/{contactId}/devices, DELETE /v1/contacts/{contactId}/devices/{visitorId}
+  (contacts:manage)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+import msgspec
+from aiohttp import web
+
+from services.session_resolution import cors, queries
+from services.session_resolution.collect import collect_block, validate_fields
+from services.session_resolution.deps import SESSION_CACHE, SESSION_CONFIG, SESSION_LIMITER, Deps
+from services.session_resolution.identity import (
+    BrowserInput,
+    ServerIdentity,
+    normalise_browser_input,
+)
+from services.session_resolution.resolution import resolve_session
+from services.session_resolution.schemas import (
+    CUSTOM_DATA_MAX_BYTES,
+    AttributeOut,
+    ConversationOut,
+    DeviceOut,
+    DevicesOut,
+    HistoryOut,
+    IdentityOut,
+    LogoutOut,
+    MergeOut,
+    MessageOut,
+    SessionInfoOut,
+    SessionOut,
+    session_request_decoder,
+)
+from services.session_resolution.session_access import (
+    Located,
+    check_can_log_out,
+    check_session,
+    is_revoked,
+    locate_session,
+    revoke_device,
+    session_ended,
+    unbind_visitor,
+)
+from services.session_resolution.session_tokens import token_hash
+from shared.auth import API_KEYS
+from shared.db import DB_POOL
+from shared.errors import Problem, not_found, validation_failed
+from shared.http import SETTINGS, bearer_token, decode_body, json_response, parse_uuid
+from shared.outbox import OUTBOX
+from shared.policy import POLICIES, OrgPolicy
+from shared.ratelimit import Limit
+from shared.tokens import CONTACT_TOKENS
+from shared.widget import WIDGET_TOKENS, WidgetToken, normalize_origin
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_NO_STORE = {"Cache-Control": "no-store"}  # bodies carry bearer tokens
+
+
+def _deps(request: web.Request) -> Deps:
+    app = request.app
+    return Deps(
+        pool=app[DB_POOL],
+        cache=app[SESSION_CACHE],
+        outbox=app[OUTBOX],
+        verifier=app[CONTACT_TOKENS],
+        config=app[SESSION_CONFIG],
+    )
+
+
+def client_ip(request: web.Request) -> str:
+    """The socket peer, or the client a trusted proxy chain reports (TRUSTED_PROXY_HOPS);
+    a client-written X-Forwarded-For is never believed beyond the trusted hops."""
+    hops = request.app[SETTINGS].trusted_proxy_hops
+    if hops > 0:
+        chain = [p.strip() for p in request.headers.get("X-Forwarded-For", "").split(",")]
+        chain = [p for p in chain if p]
+        if len(chain) >= hops:
+            return chain[-hops][:64]
+    return request.remote or "unknown"
+
+
+def _origin(request: web.Request) -> str | None:
+    return request.headers.get("Origin")
+
+
+def _check_origin(request: web.Request, widget: WidgetToken | None) -> None:
+    raw = _origin(request)
+    if raw is None:
+        return
+    try:
+        origin = normalize_origin(raw)
+    except ValueError:
+        origin = raw  # "null" or garbage: never in an allowed list
+    cors.check_origin(origin, widget.allowed_origins if widget is not None else frozenset())
+
+
+def with_cors(handler: Handler) -> Handler:
+    """Echo the Origin on every response of a widget endpoint, problems included (see cors)."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        headers = cors.response_headers(_origin(request))
+        try:
+            response = await handler(request)
+        except Problem as problem:
+            problem.headers.update(headers)
+            raise
+        response.headers.update(headers)
+        return response
+
+    return wrapped
+
+
+async def preflight(request: web.Request) -> web.Response:
+    return web.Response(status=204, headers=cors.preflight_headers(_origin(request)))
+
+
+async def _rate_limit(
+    request: web.Request,
+    widget: WidgetToken | None,
+    policy: OrgPolicy | None,
+    visitor_key: str | None,
+) -> None:
+    """Per IP, per widget token and per visitor, in one Redis round trip. The numbers come from
+    the org's policy, else the environment; unknown widget tokens count against the IP only."""
+    settings = request.app[SETTINGS]
+    limiter = request.app[SESSION_LIMITER]
+    ip = client_ip(request)
+    if widget is None or policy is None:
+        await limiter.check(Limit(f"sr:ip:-:{ip}", settings.rate_limits.sessions_per_ip))
+        return
+    limits = policy.effective_rate_limits(settings.rate_limits)
+    checks = [
+        Limit(f"sr:ip:{widget.org_id}:{ip}", limits.sessions_per_ip),
+        Limit(f"sr:wt:{widget.id}", limits.sessions_per_widget_token),
+    ]
+    if visitor_key is not None:
+        checks.append(Limit(f"sr:v:{visitor_key}", limits.sessions_per_visitor))
+    await limiter.check(*checks)
+
+
+# --- POST /widget/sessions ------------------------------------------------------------------
+
+
+@with_cors
+async def create_session(request: web.Request) -> web.Response:
+    body = await decode_body(request, session_request_decoder)
+    app = request.app
+    pool = app[DB_POOL]
+    widget = await app[WIDGET_TOKENS].get(pool, body.widget_token)
+    if widget is None:
+        await _rate_limit(request, None, None, None)
+        raise Problem(401, "invalid_widget_token", "the widget token is unknown or revoked")
+    _check_origin(request, widget)
+    policy = await app[POLICIES].get(pool, widget.org_id)
+    visitor_key = None if body.visitor_token is None else token_hash(body.visitor_token).hex()[:32]
+    await _rate_limit(request, widget, policy, visitor_key)
+
+    if body.custom_data and len(msgspec.json.encode(body.custom_data)) > CUSTOM_DATA_MAX_BYTES:
+        raise validation_failed(f"customData exceeds {CUSTOM_DATA_MAX_BYTES} bytes")
+    fields = validate_fields(body.fields, widget.settings)
+    user = body.user
+    browser = normalise_browser_input(
+        BrowserInput(
+            name=None if user is None else user.name,
+            email=None if user is None else user.email,
+            external_id=None if user is None else user.external_id,
+            fields=fields,
+            custom_data=body.custom_data,
+        )
+    )
+    server = None
+    if user is not None and user.token is not None:
+        # A token that fails is its own 401/403: never a silent downgrade to unverified.
+        claims = await app[CONTACT_TOKENS].verify(user.token, org_id=widget.org_id)
+        server = ServerIdentity(
+            contact_id=claims.contact_id,
+            issued_at=claims.issued_at,
+            expires_at=claims.expires_at,
+            external_id=claims.external_id,
+            name=claims.name,
+            email=claims.email,
+            custom_data=claims.custom_data,
+        )
+    resolved = await resolve_session(
+        _deps(request),
+        widget=widget,
+        policy=policy,
+        visitor_token=body.visitor_token,
+        server=server,
+        browser=browser,
+    )
+    resolution = resolved.resolution
+    attributes = {
+        k: AttributeOut(value=a.value, source=a.source, verified=a.verified)
+        for k, a in resolution.attributes.items()
+    }
+    out = SessionOut(
+        session_id=resolved.session_id,
+        session_token=resolved.session_token,
+        expires_at=resolved.expires_at,
+        visitor_token=resolved.visitor_token,
+        identity=IdentityOut(
+            level=resolution.level,
+            visitor_id=resolved.visitor_id,
+            contact_id=resolution.contact_id,
+            external_id=resolution.external_id or None,
+            external_id_verified=resolution.external_id_verified,
+            attributes=attributes,
+        ),
+        merge=None
+        if resolved.merge_id is None
+        else MergeOut(id=resolved.merge_id, status="pending"),
+        collect=collect_block(widget.settings, resolution.attributes),
+    )
+    return json_response(out, headers=_NO_STORE)
+
+
+# --- session-token endpoints ----------------------------------------------------------------
+
+
+async def _session_for(request: web.Request) -> tuple[str, Located]:
+    """Path id, token, CORS and rate limit, in that order (the origin check needs the session's
+    widget token, which only the session token reveals)."""
+    session_id = parse_uuid(request.match_info["session_id"], "session")
+    deps = _deps(request)
+    located = await locate_session(deps, bearer_token(request))
+    record = located.record
+    widget = await request.app[WIDGET_TOKENS].get_by_id(deps.pool, record.widget_token_id)
+    _check_origin(request, widget)
+    policy = None if widget is None else await request.app[POLICIES].get(deps.pool, widget.org_id)
+    await _rate_limit(request, widget, policy, record.visitor_id)
+    return session_id, located
+
+
+def _parse_cursor(raw: str | None) -> tuple[datetime, str] | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        at, _, conversation_id = text.partition("|")
+        return datetime.fromisoformat(at), parse_uuid(conversation_id, "cursor")
+    except (binascii.Error, UnicodeDecodeError, ValueError, Problem):
+        raise validation_failed("cursor: not a cursor this endpoint returned") from None
+
+
+def _make_cursor(at: datetime, conversation_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{at.isoformat()}|{conversation_id}".encode()).decode()
+
+
+def _parse_limit(raw: str | None, maximum: int) -> int:
+    if raw is None:
+        return min(20, maximum)
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        raise validation_failed(f"limit: an integer from 1 to {maximum}")
+    return int(raw)
+
+
+@with_cors
+async def session_history(request: web.Request) -> web.Response:
+    session_id, located = await _session_for(request)
+    deps = _deps(request)
+    await check_session(deps, located, session_id)
+    record = located.record
+    limit = _parse_limit(request.query.get("limit"), deps.config.history_page_max)
+    before = _parse_cursor(request.query.get("cursor"))
+    conversations = await queries.scope_conversations(
+        deps.pool,
+        org_id=record.org_id,
+        visitor_id=record.visitor_id,
+        # Only a verified session reads the contact's scope; anything else, its own browser's.
+        contact_id=record.contact_id if record.level == "verified" else None,
+        external_id=record.external_id,
+        before=before,
+        limit=limit + 1,
+    )
+    page, more = conversations[:limit], len(conversations) > limit
+    messages = await queries.conversation_messages(
+        deps.pool, record.org_id, [c.id for c in page], deps.config.messages_per_conversation
+    )
+    by_conversation: dict[str, list[MessageOut]] = {c.id: [] for c in page}
+    for m in messages:
+        by_conversation[m.conversation_id].append(
+            MessageOut(
+                id=m.id,
+                author=m.author,
+                text=m.body,
+                sender_verified=m.sender_verified,
+                created_at=m.created_at,
+            )
+        )
+    out = HistoryOut(
+        conversations=[
+            ConversationOut(id=c.id, created_at=c.created_at, messages=by_conversation[c.id])
+            for c in page
+        ],
+        next_cursor=_make_cursor(page[-1].created_at, page[-1].id) if more else None,
+    )
+    return json_response(out, headers=_NO_STORE)
+
+
+@with_cors
+async def logout(request: web.Request) -> web.Response:
+    session_id, located = await _session_for(request)
+    check_can_log_out(located, session_id)
+    record = located.record
+    result = await unbind_visitor(
+        _deps(request),
+        visitor_id=record.visitor_id,
+        org_id=record.org_id,
+        widget_token_id=record.widget_token_id,
+        reason="logout",
+    )
+    if result is None or result.new_visitor_token is None:
+        raise session_ended()
+    out = LogoutOut(visitor_token=result.new_visitor_token, ended_sessions=result.ended_sessions)
+    return json_response(out, headers=_NO_STORE)
+
+
+# --- internal API ---------------------------------------------------------------------------
+
+
+async def get_session(request: web.Request) -> web.Response:
+    principal = await request.app[API_KEYS].authenticate(request, "sessions:read")
+    session_id = parse_uuid(request.match_info["session_id"], "session")
+    deps = _deps(request)
+    row = await queries.session_by_id(deps.pool, principal.org_id, session_id)
+    if row is None:
+        raise not_found("session")  # another org's session reads exactly like a missing one
+    iat = row.contact_token_issued_at
+    revoked = await is_revoked(
+        deps, row.org_id, row.contact_id, None if iat is None else int(iat.timestamp())
+    )
+    end_reason = row.end_reason or ("tokens_revoked" if revoked else None)
+    active = row.ended_at is None and not revoked and row.expires_at.timestamp() > time.time()
+    out = SessionInfoOut(
+        id=row.id,
+        org_id=row.org_id,
+        visitor_id=row.visitor_id,
+        level=row.level,
+        contact_id=row.contact_id,
+        external_id=row.external_id or None,
+        external_id_verified=row.external_id_verified,
+        attributes={k: msgspec.convert(v, AttributeOut) for k, v in row.attributes.items()},
+        active=active,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        ended_at=row.ended_at,
+        end_reason=end_reason,
+    )
+    return json_response(out)
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    principal = await request.app[API_KEYS].authenticate(request, "contacts:manage")
+    contact_id = parse_uuid(request.match_info["contact_id"], "contact")
+    rows = await queries.contact_devices(request.app[DB_POOL], principal.org_id, contact_id)
+    out = DevicesOut(
+        devices=[
+            DeviceOut(
+                visitor_id=r.visitor_id,
+                external_id=r.external_id or None,
+                bound_at=r.bound_at,
+                last_seen_at=r.last_seen_at,
+            )
+            for r in rows
+        ]
+    )
+    return json_response(out)
+
+
+async def delete_device(request: web.Request) -> web.Response:
+    principal = await request.app[API_KEYS].authenticate(request, "contacts:manage")
+    contact_id = parse_uuid(request.match_info["contact_id"], "contact")
+    visitor_id = parse_uuid(request.match_info["visitor_id"], "device")
+    found = await revoke_device(
+        _deps(request), org_id=principal.org_id, contact_id=contact_id, visitor_id=visitor_id
+    )
+    if not found:
+        raise not_found("device")
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application) -> None:
+    router = app.router
+    router.add_route("OPTIONS", "/widget/sessions", preflight)
+    router.add_post("/widget/sessions", create_session)
+    router.add_route("OPTIONS", "/widget/sessions/{session_id}/history", preflight)
+    router.add_get("/widget/sessions/{session_id}/history", session_history)
+    router.add_route("OPTIONS", "/widget/sessions/{session_id}/logout", preflight)
+    router.add_post("/widget/sessions/{session_id}/logout", logout)
+    router.add_get("/v1/sessions/{session_id}", get_session)
+    router.add_get("/v1/contacts/{contact_id}/devices", list_devices)
+    router.add_delete("/v1/contacts/{contact_id}/devices/{visitor_id}", delete_device)

@@ -1,0 +1,219 @@
+"""What a session token unlocks, and how a browser is unbound (logout, device revocation).
+
+A session token is checked against Redis first and Postgres on a miss. Either way a session
+stops working when it ended (logout, device revoked), expired, or was verified by a contact
+token issued before the contact's tokens were revoked ("log out everywhere", promise 10:
+the verifier's revocation cache sees that within a second on every replica).
+
+Unbinding (promise 6) ends every live session of the browser's visitor, unbinds the visitor
+and its device bindings, and (for logout) creates a fresh visitor for the browser, all in one
+transaction with its events. Cache entries are buried *before* the commit, so no replica can
+serve the old visitor or sessions from Redis afterwards; if the commit then fails, the browser
+is merely treated as logged out (fail closed).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+
+from services.session_resolution import queries
+from services.session_resolution.cache import BURIED, SessionRecord
+from services.session_resolution.deps import Deps
+from services.session_resolution.session_tokens import (
+    looks_like_session_token,
+    new_visitor_token,
+    token_hash,
+)
+from shared.db import in_transaction
+from shared.errors import Problem
+from shared.events import (
+    SessionEnded,
+    SessionEndedData,
+    VisitorCreated,
+    VisitorCreatedData,
+)
+
+
+def invalid_session_token() -> Problem:
+    return Problem(
+        401,
+        "invalid_session_token",
+        "the session token is missing, malformed, unknown or not this session's",
+        headers={"WWW-Authenticate": 'Bearer realm="widget-identity-session"'},
+    )
+
+
+def session_ended(detail: str = "the session has ended; resolve a new one") -> Problem:
+    return Problem(401, "session_ended", detail)
+
+
+def session_revoked() -> Problem:
+    return Problem(
+        401,
+        "token_revoked",
+        "the contact token that verified this session has been revoked; resolve a new one",
+    )
+
+
+def record_from_row(row: queries.SessionRow) -> SessionRecord:
+    iat = row.contact_token_issued_at
+    return SessionRecord(
+        id=row.id,
+        org_id=row.org_id,
+        visitor_id=row.visitor_id,
+        widget_token_id=row.widget_token_id,
+        level=row.level,
+        contact_id=row.contact_id,
+        external_id=row.external_id,
+        expires_at=row.expires_at.timestamp(),
+        contact_token_iat=None if iat is None else int(iat.timestamp()),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    record: SessionRecord
+    # Set when storage says the session ended: 'logout', 'device_revoked', 'tokens_revoked'...
+    end_reason: str | None = None
+
+
+async def locate_session(deps: Deps, session_token: str | None) -> Located:
+    """The session behind a token, live or ended (callers decide), or 401 when unknown."""
+    if session_token is None or not looks_like_session_token(session_token):
+        raise invalid_session_token()
+    hashed = token_hash(session_token)
+    cached = await deps.cache.session(hashed)
+    if isinstance(cached, SessionRecord):
+        return Located(cached)
+    if cached == BURIED:
+        raise session_ended()  # only logout and device revocation bury
+    row = await queries.session_by_token(deps.pool, hashed)
+    if row is None:
+        raise invalid_session_token()
+    ended = None if row.ended_at is None else (row.end_reason or "ended")
+    return Located(record_from_row(row), ended)
+
+
+async def check_session(deps: Deps, located: Located, session_id: str) -> None:
+    """The path's session must be the token's, live, and not revoked."""
+    record = located.record
+    if record.id != session_id:
+        raise invalid_session_token()
+    if located.end_reason == "tokens_revoked":
+        raise session_revoked()
+    if located.end_reason is not None:
+        raise session_ended()
+    if record.expires_at <= time.time():
+        raise session_ended("the session has expired; resolve a new one")
+    if await is_revoked(deps, record.org_id, record.contact_id, record.contact_token_iat):
+        raise session_revoked()
+
+
+def check_can_log_out(located: Located, session_id: str) -> None:
+    """Logging out works even after the session expired or its contact token was revoked:
+    the browser may still be bound, and unbinding it is what the person asks for."""
+    if located.record.id != session_id:
+        raise invalid_session_token()
+    if located.end_reason not in (None, "tokens_revoked"):
+        raise session_ended()
+
+
+async def is_revoked(
+    deps: Deps, org_id: str, contact_id: str | None, contact_token_iat: int | None
+) -> bool:
+    if contact_id is None:
+        return False
+    if contact_token_iat is None:
+        return True  # a verified session always records its token's iat; be safe
+    state = await deps.verifier.revocations.state(deps.pool, org_id, contact_id)
+    return state.revokes(contact_token_iat)
+
+
+@dataclass(frozen=True, slots=True)
+class Unbound:
+    ended_sessions: int
+    new_visitor_token: str | None
+
+
+async def unbind_visitor(
+    deps: Deps,
+    *,
+    visitor_id: str,
+    org_id: str,
+    widget_token_id: str | None,
+    reason: str,
+    bound_to_contact: str | None = None,
+) -> Unbound | None:
+    """End the browser's sessions and unbind it. With ``widget_token_id`` (logout) the browser
+    gets a fresh anonymous visitor. With ``bound_to_contact`` (device revocation) the visitor
+    must be one of that contact's devices. None when there is no such live visitor."""
+
+    async def work(conn: asyncpg.Connection) -> Unbound | None:
+        if bound_to_contact is not None:
+            found = await queries.lock_bound_visitor(
+                conn, org_id=org_id, contact_id=bound_to_contact, visitor_id=visitor_id
+            )
+        else:
+            found = await queries.lock_live_visitor(conn, visitor_id) is not None
+        if not found:
+            return None
+        live = await queries.live_session_keys(conn, visitor_id)
+        visitor_hash = await queries.visitor_token_hash(conn, visitor_id)
+        now = time.time()
+        await deps.cache.bury(
+            visitor_token_hashes=[] if visitor_hash is None else [visitor_hash],
+            session_token_hashes=[
+                (s.token_hash, max(1.0, s.expires_at.timestamp() - now))
+                for s in live
+                if s.token_hash is not None
+            ],
+            visitor_ttl_seconds=deps.config.visitor_cache_ttl,
+        )
+        ended = await queries.end_live_sessions(conn, visitor_id, reason)
+        await queries.unbind_visitor(conn, visitor_id)
+        for session in ended:
+            await deps.outbox.emit(
+                conn,
+                SessionEnded,
+                org_id=org_id,
+                subject=visitor_id,
+                data=SessionEndedData(session_id=session.id, visitor_id=visitor_id, reason=reason),
+            )
+        fresh_token = None
+        if widget_token_id is not None:
+            fresh_token = new_visitor_token()
+            fresh_id = str(uuid.uuid4())
+            await queries.insert_visitor(
+                conn,
+                visitor_id=fresh_id,
+                org_id=org_id,
+                token_hash=token_hash(fresh_token),
+                attributes={},
+            )
+            await deps.outbox.emit(
+                conn,
+                VisitorCreated,
+                org_id=org_id,
+                subject=fresh_id,
+                data=VisitorCreatedData(visitor_id=fresh_id, widget_token_id=widget_token_id),
+            )
+        return Unbound(ended_sessions=len(ended), new_visitor_token=fresh_token)
+
+    return await in_transaction(deps.pool, work)
+
+
+async def revoke_device(deps: Deps, *, org_id: str, contact_id: str, visitor_id: str) -> bool:
+    """Unbind one of a contact's devices, as if it logged out. False when not found."""
+    result = await unbind_visitor(
+        deps,
+        visitor_id=visitor_id,
+        org_id=org_id,
+        widget_token_id=None,
+        reason="device_revoked",
+        bound_to_contact=contact_id,
+    )
+    return result is not None
