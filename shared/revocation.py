@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 _WATCHED_TYPES = frozenset({ContactTokensRevoked.type_name(), ContactErased.type_name()})
 _CONTACT = b"contact:"
 _KID = b"kid:"
+_NEW_KID = b"newkid:"
 
 
 def revocation_channel(settings: Settings) -> str:
@@ -142,6 +143,12 @@ async def announce_key_deleted(redis: aioredis.Redis, settings: Settings, kid: s
     await _announce(redis, settings, _KID + kid.encode())
 
 
+async def announce_key_added(redis: aioredis.Redis, settings: Settings, kid: str) -> None:
+    """A new signing key exists: verifiers that looked for it in the last second and cached
+    "unknown" look again at once instead of rejecting a brand-new org's first logins."""
+    await _announce(redis, settings, _NEW_KID + kid.encode())
+
+
 async def _announce(redis: aioredis.Redis, settings: Settings, message: bytes) -> None:
     try:
         await redis.publish(revocation_channel(settings), message)
@@ -161,12 +168,14 @@ class RevocationListener:
         cache: RevocationCache,
         *,
         on_key_deleted: Callable[[str], None] | None = None,
+        on_key_added: Callable[[str], None] | None = None,
         block_ms: int = 1000,
     ) -> None:
         self._settings = settings
         self._redis = redis
         self._cache = cache
         self._on_key_deleted = on_key_deleted
+        self._on_key_added = on_key_added
         self._block_ms = block_ms
         self._channel = revocation_channel(settings)
         self._stream = settings.events_stream
@@ -241,6 +250,8 @@ class RevocationListener:
             self._cache.invalidate(message[len(_CONTACT) :].decode(errors="replace"))
         elif message.startswith(_KID) and self._on_key_deleted is not None:
             self._on_key_deleted(message[len(_KID) :].decode(errors="replace"))
+        elif message.startswith(_NEW_KID) and self._on_key_added is not None:
+            self._on_key_added(message[len(_NEW_KID) :].decode(errors="replace"))
 
     async def _pump_stream(self, last: bytes) -> None:
         while True:

@@ -150,7 +150,15 @@ class KeyStore:
             if stale and (self._background is None or self._background.done()):
                 self._background = asyncio.create_task(self._refresh_quietly(pool))
             return key
-        if kid in self._deleted or now - self._attempted_at < self._min_interval:
+        if kid in self._deleted:
+            return None
+        if self._lock.locked():
+            # A refresh is in flight (e.g. the first burst after a restart): wait for it rather
+            # than calling a real key "unknown" because someone else is loading it.
+            async with self._lock:
+                pass
+            return self._keys.get(kid)
+        if now - self._attempted_at < self._min_interval:
             return None
         await self.refresh(pool)
         return self._keys.get(kid)
@@ -205,6 +213,9 @@ class KeyStore:
     def snapshot(self) -> list[PublicKey]:
         return list(self._keys.values())
 
+    def snapshot_kids(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
 
 class ContactTokenVerifier:
     def __init__(
@@ -234,6 +245,11 @@ class ContactTokenVerifier:
         """Also call ``hook(kid)`` when any process deletes a signing key (e.g. a signer's
         private-key cache)."""
         self._key_deleted_hooks.append(hook)
+
+    def key_added(self, kid: str) -> None:
+        """Some process created signing key ``kid``: look it up on next sight."""
+        if kid not in self.keys.snapshot_kids():
+            self.keys.expire()
 
     def key_deleted(self, kid: str) -> None:
         self.keys.forget(kid)
@@ -343,7 +359,11 @@ def install_verifier(app: web.Application) -> None:
         "token-revocations",
         lambda app: (
             RevocationListener(
-                settings, app[REDIS], verifier.revocations, on_key_deleted=verifier.key_deleted
+                settings,
+                app[REDIS],
+                verifier.revocations,
+                on_key_deleted=verifier.key_deleted,
+                on_key_added=verifier.key_added,
             ).run
         ),
     )

@@ -521,3 +521,39 @@ async def test_a_token_verifies_with_a_standard_jose_library_using_only_the_jwks
     assert jwt.get_unverified_header(env.token)["typ"] == "wi-contact+jwt"
     private = [k for k in document["keys"] if "d" in k]
     assert private == []
+
+
+async def test_a_cold_replica_verifies_a_burst_of_logins_without_false_rejections(env: Env) -> None:
+    # A replica that just started has no keys cached; the first burst of widget loads must
+    # wait for the one key load in flight, not be told their real key is unknown.
+    import asyncio
+
+    cold = ContactTokenVerifier(env.settings, env.pool)
+    verdicts = await asyncio.gather(
+        *(cold.verify(env.token, org_id=env.org.org_id) for _ in range(30)), return_exceptions=True
+    )
+    assert [v for v in verdicts if isinstance(v, BaseException)] == []
+    assert cold.keys.db_loads == 1
+
+
+async def test_a_brand_new_org_verifies_at_once_on_a_replica_that_just_refreshed(env: Env) -> None:
+    app_b = create_app(env.settings)
+    async with running(app_b) as _:
+        await live(app_b)
+        verifier_b = app_b[CONTACT_TOKENS]
+        # B refreshed its keys a moment ago (and would back off before the next refresh)...
+        await verifier_b.verify(env.token, org_id=env.org.org_id)
+        await verifier_b.keys.refresh(env.pool)
+        # ...when another replica creates an org and mints its first token.
+        newcomer = await provision_org(env.api, name="Newcomer")
+        minted = await mint_contact_token(env.api, newcomer, userId="first-user")
+
+        async def accepted_on_b() -> bool:
+            try:
+                await verifier_b.verify(minted["token"], org_id=newcomer.org_id)
+            except Problem:
+                return False
+            return True
+
+        # Announced over the revocation channel: no one-second blind spot for new keys.
+        await eventually(accepted_on_b, timeout=0.5, interval=0.01)

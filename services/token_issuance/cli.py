@@ -29,7 +29,7 @@ from shared.config import Settings
 from shared.errors import Problem, validation_failed
 from shared.http import parse_uuid
 from shared.redis import create_redis
-from shared.revocation import announce_key_deleted
+from shared.revocation import announce_key_added, announce_key_deleted
 
 T = TypeVar("T")
 Work = Callable[[asyncpg.Pool, Settings], Awaitable[Any]]
@@ -76,6 +76,15 @@ def _org(args: argparse.Namespace) -> str:
     return parse_uuid(args.org, "org")
 
 
+async def _announce_new_key(settings: Settings, kid: str) -> None:
+    # Running verifiers look the new kid up at once instead of after their back-off.
+    redis = create_redis(settings)
+    try:
+        await announce_key_added(redis, settings, kid)
+    finally:
+        await redis.aclose()
+
+
 def _cmd_org_create(args: argparse.Namespace) -> None:
     body: dict[str, Any] = {"name": args.name}
     if args.policy is not None:
@@ -84,7 +93,10 @@ def _cmd_org_create(args: argparse.Namespace) -> None:
     async def work(pool: asyncpg.Pool, settings: Settings) -> Any:
         request = _decode(create_org_decoder, body)
         kek = Keyring(settings.key_encryption_key).kek
-        return await orgs.create_org(pool, kek, settings.token_algorithms[0], request)
+        created = await orgs.create_org(pool, kek, settings.token_algorithms[0], request)
+        if created.signing_key is not None:
+            await _announce_new_key(settings, created.signing_key.kid)
+        return created
 
     _run(work)
 
@@ -140,7 +152,9 @@ def _cmd_widget_token_create(args: argparse.Namespace) -> None:
 def _cmd_keys_rotate(args: argparse.Namespace) -> None:
     async def work(pool: asyncpg.Pool, settings: Settings) -> Any:
         kek = Keyring(settings.key_encryption_key).kek
-        return await signing_keys.rotate(pool, kek, _org(args), settings.token_algorithms[0])
+        rotated = await signing_keys.rotate(pool, kek, _org(args), settings.token_algorithms[0])
+        await _announce_new_key(settings, rotated.kid)
+        return rotated
 
     _run(work)
 

@@ -21,7 +21,7 @@ from shared.outbox import OUTBOX
 from shared.policy import POLICIES
 from shared.ratelimit import Limit, RateLimiter
 from shared.redis import REDIS
-from shared.revocation import announce_key_deleted, announce_revocation
+from shared.revocation import announce_key_added, announce_key_deleted, announce_revocation
 from shared.tokens import CONTACT_TOKENS, KID_PATTERN
 
 # --- for customer backends -----------------------------------------------------------------
@@ -82,6 +82,8 @@ async def create_org(request: web.Request) -> web.Response:
         settings.token_algorithms[0],
         body,
     )
+    if result.signing_key is not None:
+        await _key_created(request.app, result.signing_key.kid)
     return json_response(result, status=201)
 
 
@@ -127,10 +129,17 @@ async def rotate_signing_key(request: web.Request) -> web.Response:
     result = await signing_keys.rotate(
         app[DB_POOL], app[KEYRING].kek, org_id, app[SETTINGS].token_algorithms[0]
     )
+    await _key_created(app, result.kid)
     app[KEYRING].forget_org(org_id)
-    app[CONTACT_TOKENS].keys.expire()
     app[JWKS].clear()
     return json_response(result, status=201)
+
+
+async def _key_created(app: web.Application, kid: str) -> None:
+    # This process and every other verifier see the new key at once, not after their
+    # unknown-kid back-off.
+    app[CONTACT_TOKENS].keys.expire()
+    await announce_key_added(app[REDIS], app[SETTINGS], kid)
 
 
 async def delete_signing_key(request: web.Request) -> web.Response:
