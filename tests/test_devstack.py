@@ -17,8 +17,7 @@ import asyncpg
 import pytest
 import redis
 
-from shared import devstack
-from shared.devstack import DevStackError, dev_servers
+from shared.devstack import DevStackError, dev_servers, processes
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -46,9 +45,9 @@ def _postmaster_pid(pgdata: pathlib.Path) -> int:
 
 def _eventually_dead(pid: int, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
-    while devstack._alive(pid) and time.monotonic() < deadline:
+    while processes._alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not devstack._alive(pid)
+    return not processes._alive(pid)
 
 
 @pytest.fixture
@@ -81,7 +80,7 @@ def test_throwaway_servers_listen_only_on_unix_sockets_and_vanish_on_exit() -> N
             assert len(r.xautoclaim("s", "g", "live-consumer", min_idle_time=0)[1]) == 1
         pg_pid = _postmaster_pid(sockdir / "pg")
     assert not sockdir.exists()
-    assert not devstack._alive(pg_pid)
+    assert not processes._alive(pg_pid)
 
 
 def test_persistent_data_survives_a_restart(data_dir: pathlib.Path) -> None:
@@ -118,7 +117,8 @@ def test_a_sigkilled_run_does_not_block_the_next_start(
 ) -> None:
     # False stands for a platform without PR_SET_PDEATHSIG: the servers outlive the kill.
     code = (
-        f"import sys; from shared import devstack; devstack._USE_PDEATHSIG = {pdeathsig}; "
+        "import sys; from shared import devstack; from shared.devstack import processes; "
+        f"processes._USE_PDEATHSIG = {pdeathsig}; "
         f"sys.argv[1:] = ['--data-dir', {str(data_dir)!r}]; devstack.main()"
     )
     proc = subprocess.Popen(
@@ -148,11 +148,11 @@ def test_a_sigkilled_run_does_not_block_the_next_start(
     if pdeathsig:
         assert _eventually_dead(pg_pid), "Postgres outlived its parent"
     else:
-        assert devstack._alive(pg_pid)
+        assert processes._alive(pg_pid)
 
     logs: list[str] = []
     with dev_servers(data_dir, log=logs.append) as servers:
-        assert not devstack._alive(pg_pid)
+        assert not processes._alive(pg_pid)
         assert not old_sockdir.exists()
         assert _sql(servers.database_url, "select v from kept") == ["pg"]
         with redis.Redis.from_url(servers.redis_url) as r:
