@@ -20,7 +20,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from shared import db
+from shared import apidocs, db, openapi
 from shared import redis as redis_mod
 from shared.config import Settings
 from shared.errors import Problem, unavailable, validation_failed
@@ -172,14 +172,40 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         )
 
 
+class ProbeOut(msgspec.Struct, kw_only=True):
+    """A probe's answer: ``ok``/``ready``, or ``draining``/``unavailable`` with what failed."""
+
+    status: str
+    checks: list[str] | msgspec.UnsetType = msgspec.UNSET
+    failed: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+
+
+@openapi.operation(
+    summary="Liveness: the process is up",
+    tags=["operations"],
+    responses={200: ProbeOut},
+    backend=False,
+)
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    return json_response(ProbeOut(status="ok"))
 
 
+@openapi.operation(
+    summary="Readiness: Postgres and Redis reachable, not draining",
+    tags=["operations"],
+    responses={
+        200: openapi.Content(ProbeOut, description="Ready: every dependency answered."),
+        503: openapi.Content(
+            ProbeOut,
+            description="Not ready: `draining` after SIGTERM, or `unavailable` with the failed checks.",
+        ),
+    },
+    backend=False,
+)
 async def readyz(request: web.Request) -> web.Response:
     readiness = request.app[READINESS]
     if readiness.draining:
-        return json_response({"status": "draining"}, status=503)
+        return json_response(ProbeOut(status="draining"), status=503)
     names = list(readiness.checks)
     results = await asyncio.gather(
         *(asyncio.wait_for(readiness.checks[n](), timeout=2.5) for n in names),
@@ -191,10 +217,20 @@ async def readyz(request: web.Request) -> web.Response:
         if isinstance(r, BaseException)
     }
     if failed:
-        return json_response({"status": "unavailable", "failed": failed}, status=503)
-    return json_response({"status": "ready", "checks": names})
+        return json_response(ProbeOut(status="unavailable", failed=failed), status=503)
+    return json_response(ProbeOut(status="ready", checks=names))
 
 
+@openapi.operation(
+    summary="Prometheus metrics",
+    tags=["operations"],
+    responses={
+        200: openapi.Content(
+            str, media_type="text/plain", description="Prometheus text exposition format."
+        )
+    },
+    backend=False,
+)
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -221,5 +257,6 @@ def base_app(settings: Settings, *, name: str) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    apidocs.install(app, title=f"widget-identity ({name})")
     app[SERVICE_NAME] = name
     return app

@@ -4,12 +4,24 @@ from the API key; another org's ids read exactly like missing ones."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from datetime import UTC
+from typing import Annotated
 
+import msgspec
 from aiohttp import web
 
 from services.history import conversations, erasure, merges, queries
 from services.history.schemas import (
+    AddMessage,
+    ContactMerge,
+    CreateConversation,
+    CreatedConversation,
+    ErasureReceipt,
+    HistoryPage,
     MergeAccepted,
+    MergeOut,
+    MessageOut,
     UndoResult,
     add_message_decoder,
     contact_merge_decoder,
@@ -17,8 +29,9 @@ from services.history.schemas import (
 )
 from shared.auth import API_KEYS, ApiKeyPrincipal
 from shared.db import DB_POOL, in_transaction
-from shared.errors import Problem, not_found
+from shared.errors import Problem, not_found, validation_failed
 from shared.http import SETTINGS, decode_body, json_response, parse_uuid
+from shared.openapi import Content, Query, operation
 from shared.outbox import OUTBOX
 from shared.redis import REDIS
 from shared.revocation import announce_revocation
@@ -26,6 +39,32 @@ from shared.revocation import announce_revocation
 log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
+
+_PAGE = [
+    Query(
+        "limit",
+        Annotated[int, msgspec.Meta(ge=1, le=100)],
+        "Conversations per page (default 20).",
+    ),
+    Query(
+        "cursor",
+        Annotated[str, msgspec.Meta(max_length=200)],
+        "`nextCursor` from the previous page.",
+    ),
+]
+
+
+def _page_query(request: web.Request) -> Mapping[str, str]:
+    """The query, with a cursor whose instant leaves year 1..9999 once in UTC refused as
+    invalid: it decodes, but no driver can send it (it was a 500)."""
+    cursor = request.query.get("cursor")
+    if cursor:
+        created_at, _ = conversations.decode_cursor(cursor)
+        try:
+            created_at.astimezone(UTC)
+        except OverflowError:
+            raise validation_failed("cursor is not valid") from None
+    return request.query
 
 
 async def _principal(request: web.Request, *scopes: str) -> ApiKeyPrincipal:
@@ -42,6 +81,23 @@ async def _principal(request: web.Request, *scopes: str) -> ApiKeyPrincipal:
 
 
 @routes.post("/v1/conversations")
+@operation(
+    summary="Record a conversation in a session's history scope",
+    description=(
+        "The conversation lands in the session's scope at this moment: the contact and its "
+        "externalId for a verified session, else the visitor's browser. An optional first "
+        "message is recorded with it."
+    ),
+    tags=["history"],
+    body=CreateConversation,
+    responses={201: CreatedConversation},
+    security="apiKey",
+    scope="history:write",
+    errors={
+        404: "`not_found`: no such session in the key's org.",
+        409: "`session_ended`: the session has ended or expired (or its contact was erased).",
+    },
+)
 async def create_conversation(request: web.Request) -> web.Response:
     principal = await _principal(request, "history:write")
     body = await decode_body(request, create_conversation_decoder)
@@ -53,6 +109,26 @@ async def create_conversation(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/conversations/{conversationId}/messages")
+@operation(
+    summary="Add a message to a conversation",
+    description=(
+        "A visitor message needs the `sessionId` it was written in and records whether its "
+        "sender was verified at that moment; agent and bot messages take no sessionId."
+    ),
+    tags=["history"],
+    body=AddMessage,
+    responses={201: MessageOut},
+    security="apiKey",
+    scope="history:write",
+    errors={
+        403: (
+            "`insufficient_scope`, or `scope_mismatch`: the conversation is not in the "
+            "session's history scope."
+        ),
+        404: "`not_found`: no such conversation or session in the key's org.",
+        409: "`session_ended`: the session has ended or expired.",
+    },
+)
 async def add_message(request: web.Request) -> web.Response:
     principal = await _principal(request, "history:write")
     conversation_id = parse_uuid(request.match_info["conversationId"], "conversation")
@@ -65,6 +141,25 @@ async def add_message(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/contacts/{contactId}/history")
+@operation(
+    summary="A contact's history for one externalId",
+    tags=["history"],
+    query=[
+        Query(
+            "externalId",
+            Annotated[str, msgspec.Meta(max_length=256)],
+            "The externalId scope (absent or empty: the scope without an externalId).",
+        ),
+        *_PAGE,
+    ],
+    responses={200: HistoryPage},
+    security="apiKey",
+    scope="history:read",
+    errors={
+        404: "`not_found`: no such live contact in the key's org.",
+        422: "`validation_failed`: limit, cursor or externalId is not valid.",
+    },
+)
 async def contact_history(request: web.Request) -> web.Response:
     principal = await _principal(request, "history:read")
     contact_id = parse_uuid(request.match_info["contactId"], "contact")
@@ -73,22 +168,46 @@ async def contact_history(request: web.Request) -> web.Response:
         principal.org_id,
         contact_id,
         request.query.get("externalId", ""),
-        request.query,
+        _page_query(request),
     )
     return json_response(page)
 
 
 @routes.get("/v1/visitors/{visitorId}/history")
+@operation(
+    summary="A visitor's (browser-bound) history",
+    tags=["history"],
+    query=_PAGE,
+    responses={200: HistoryPage},
+    security="apiKey",
+    scope="history:read",
+    errors={
+        404: "`not_found`: no such visitor in the key's org.",
+        422: "`validation_failed`: limit or cursor is not valid.",
+    },
+)
 async def visitor_history(request: web.Request) -> web.Response:
     principal = await _principal(request, "history:read")
     visitor_id = parse_uuid(request.match_info["visitorId"], "visitor")
     page = await conversations.visitor_history(
-        request.app[DB_POOL], principal.org_id, visitor_id, request.query
+        request.app[DB_POOL], principal.org_id, visitor_id, _page_query(request)
     )
     return json_response(page)
 
 
 @routes.get("/v1/merges/{mergeId}")
+@operation(
+    summary="A merge and its status",
+    description=(
+        "`status` is `pending`, `done`, `failed` or `undone`. A login merge is not found "
+        "until the merge consumer has recorded it."
+    ),
+    tags=["merges"],
+    responses={200: MergeOut},
+    security="apiKey",
+    scope=("history:read", "contacts:manage"),
+    errors=(404,),
+)
 async def get_merge(request: web.Request) -> web.Response:
     # Readable by history readers and by the admins who request and undo merges.
     principal = await _principal(request, "history:read", "contacts:manage")
@@ -101,6 +220,18 @@ async def get_merge(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/merges/{mergeId}/undo")
+@operation(
+    summary="Undo a done merge",
+    description="Moves the merged conversations still in the target scope back to the source.",
+    tags=["merges"],
+    responses={200: UndoResult},
+    security="apiKey",
+    scope="contacts:manage",
+    errors={
+        404: "",
+        409: "`merge_not_undoable`: the merge is not `done`, or a contact involved was erased.",
+    },
+)
 async def undo_merge(request: web.Request) -> web.Response:
     principal = await _principal(request, "contacts:manage")
     merge_id = parse_uuid(request.match_info["mergeId"], "merge")
@@ -113,6 +244,28 @@ async def undo_merge(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/contacts/{contactId}/merge")
+@operation(
+    summary="Merge another contact's history into this contact (explicit, recorded, undoable)",
+    description=(
+        "Two verified contacts never merge by themselves; this is the only way. The merge is "
+        "applied asynchronously: poll the merge in `Location`."
+    ),
+    tags=["merges"],
+    body=ContactMerge,
+    responses={
+        202: Content(
+            MergeAccepted,
+            description="Accepted: the merge is pending.",
+            headers={"Location": "The merge: `/v1/merges/{id}`."},
+        )
+    },
+    security="apiKey",
+    scope="contacts:manage",
+    errors={
+        404: "`not_found`: either contact is missing, erased or another org's.",
+        422: "`validation_failed`, e.g. a contact merged into itself.",
+    },
+)
 async def merge_contacts(request: web.Request) -> web.Response:
     principal = await _principal(request, "contacts:manage")
     target_id = parse_uuid(request.match_info["contactId"], "contact")
@@ -130,6 +283,18 @@ async def merge_contacts(request: web.Request) -> web.Response:
 
 
 @routes.delete("/v1/contacts/{contactId}")
+@operation(
+    summary="Erase a contact (GDPR)",
+    description=(
+        "Deletes its history, device bindings, sessions' copies of its data and its tokens in "
+        "one transaction, leaves a tombstone and emits `contact.erased`. Returns a receipt."
+    ),
+    tags=["contacts"],
+    responses={200: ErasureReceipt},
+    security="apiKey",
+    scope="contacts:manage",
+    errors={404: "`not_found`: no such live contact in the key's org (erasure is final)."},
+)
 async def erase_contact(request: web.Request) -> web.Response:
     principal = await _principal(request, "contacts:manage")
     contact_id = parse_uuid(request.match_info["contactId"], "contact")

@@ -31,7 +31,7 @@ def validate_fields(
     for name, value in fields.items():
         spec = configured.get(name)
         if spec is None:
-            errors.append({"field": f"fields.{name}", "problem": "not a configured field"})
+            errors.append({"field": f"fields.{name}", "message": "not a configured field"})
             continue
         if isinstance(value, str):
             value = value.strip()
@@ -39,7 +39,7 @@ def validate_fields(
             continue  # "not answered" is not an answer to store
         problem = _field_problem(spec, value)
         if problem is not None:
-            errors.append({"field": f"fields.{name}", "problem": problem})
+            errors.append({"field": f"fields.{name}", "message": problem})
             continue
         accepted[name] = value
     if errors:

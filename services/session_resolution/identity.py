@@ -110,13 +110,13 @@ def normalise_browser_input(raw: BrowserInput) -> BrowserInput:
     external_id = _blank_to_none(raw.external_id)
     errors: list[dict[str, str]] = []
     if name is not None and (len(name) > NAME_MAX or not name.isprintable()):
-        errors.append({"field": "user.name", "problem": f"printable, at most {NAME_MAX} chars"})
+        errors.append({"field": "user.name", "message": f"printable, at most {NAME_MAX} chars"})
     if email is not None and not is_email(email):
-        errors.append({"field": "user.email", "problem": "not an email address"})
+        errors.append({"field": "user.email", "message": "not an email address"})
     if external_id is not None:
         problem = external_id_problem(external_id)
         if problem:
-            errors.append({"field": "user.externalId", "problem": problem})
+            errors.append({"field": "user.externalId", "message": problem})
     if errors:
         raise validation_failed("the visitor details are invalid", errors=errors)
     return BrowserInput(

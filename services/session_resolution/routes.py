@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Annotated
 
 import msgspec
 from aiohttp import web
+from msgspec import Meta
 
 from services.session_resolution import cors, queries
 from services.session_resolution.collect import collect_block, validate_fields
@@ -31,16 +34,17 @@ from services.session_resolution.resolution import resolve_session
 from services.session_resolution.schemas import (
     CUSTOM_DATA_MAX_BYTES,
     AttributeOut,
-    ConversationOut,
     DeviceOut,
     DevicesOut,
     HistoryOut,
     IdentityOut,
     LogoutOut,
-    MergeOut,
-    MessageOut,
+    MergeRefOut,
     SessionInfoOut,
     SessionOut,
+    SessionRequest,
+    WidgetConversationOut,
+    WidgetMessageOut,
     session_request_decoder,
 )
 from services.session_resolution.session_access import (
@@ -58,6 +62,7 @@ from shared.auth import API_KEYS
 from shared.db import DB_POOL
 from shared.errors import Problem, not_found, validation_failed
 from shared.http import SETTINGS, bearer_token, decode_body, json_response, parse_uuid
+from shared.openapi import Content, Query, operation
 from shared.outbox import OUTBOX
 from shared.policy import POLICIES, OrgPolicy
 from shared.ratelimit import Limit
@@ -109,6 +114,7 @@ def _check_origin(request: web.Request, widget: WidgetToken | None) -> None:
 def with_cors(handler: Handler) -> Handler:
     """Echo the Origin on every response of a widget endpoint, problems included (see cors)."""
 
+    @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         headers = cors.response_headers(_origin(request))
         try:
@@ -122,6 +128,26 @@ def with_cors(handler: Handler) -> Handler:
     return wrapped
 
 
+@operation(
+    summary="CORS preflight for a widget endpoint",
+    description=(
+        "Answers any origin; the actual request is checked against the widget token's "
+        "allowed origins."
+    ),
+    tags=["widget sessions"],
+    responses={
+        204: Content(
+            None,
+            description="Preflight allowed.",
+            headers={
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": "Content-Type, Authorization",
+                "Access-Control-Max-Age": "Seconds the preflight may be cached.",
+            },
+        )
+    },
+    backend=False,
+)
 async def preflight(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=cors.preflight_headers(_origin(request)))
 
@@ -153,6 +179,36 @@ async def _rate_limit(
 # --- POST /widget/sessions ------------------------------------------------------------------
 
 
+@operation(
+    summary="Resolve a widget session: who is this visitor, and how far to trust that",
+    description=(
+        "Public; called by the widget in the visitor's browser with the org's widget token. "
+        "When the browser sends `Origin`, it must be one of the widget token's allowed "
+        "origins. `user.token` (a contact token) is the only thing that makes the session "
+        "`verified`; name, email, fields and customData from the browser stay `unverified`. "
+        "Keep the returned `visitorToken` and send it back next time."
+    ),
+    tags=["widget sessions"],
+    body=SessionRequest,
+    responses={
+        200: Content(
+            SessionOut,
+            description="The session, its tokens, the resolved identity and what to collect.",
+        )
+    },
+    errors={
+        401: (
+            "`invalid_widget_token`, or the contact token failed: `token_invalid`, "
+            "`token_expired`, `token_revoked`."
+        ),
+        403: (
+            "`origin_not_allowed`, `org_mismatch` (contact token of another org), "
+            "`external_id_mismatch` or `external_id_unsigned`."
+        ),
+        422: "`validation_failed`: bad fields, customData or visitor details; nothing was changed.",
+        429: "",
+    },
+)
 @with_cors
 async def create_session(request: web.Request) -> web.Response:
     body = await decode_body(request, session_request_decoder)
@@ -221,7 +277,7 @@ async def create_session(request: web.Request) -> web.Response:
         ),
         merge=None
         if resolved.merge_id is None
-        else MergeOut(id=resolved.merge_id, status="pending"),
+        else MergeRefOut(id=resolved.merge_id, status="pending"),
         collect=collect_block(widget.settings, resolution.attributes),
     )
     return json_response(out, headers=_NO_STORE)
@@ -250,8 +306,13 @@ def _parse_cursor(raw: str | None) -> tuple[datetime, str] | None:
     try:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
         at, _, conversation_id = text.partition("|")
-        return datetime.fromisoformat(at), parse_uuid(conversation_id, "cursor")
-    except (binascii.Error, UnicodeDecodeError, ValueError, Problem):
+        created_at = datetime.fromisoformat(at)
+        if created_at.tzinfo is None:
+            raise ValueError("a cursor's instant carries its offset")
+        # An offset that pushes the instant past year 1..9999 in UTC cannot be a query
+        # argument (it was a 500 from the driver).
+        return created_at.astimezone(UTC), parse_uuid(conversation_id, "cursor")
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError, Problem):
         raise validation_failed("cursor: not a cursor this endpoint returned") from None
 
 
@@ -262,11 +323,41 @@ def _make_cursor(at: datetime, conversation_id: str) -> str:
 def _parse_limit(raw: str | None, maximum: int) -> int:
     if raw is None:
         return min(20, maximum)
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    # ASCII only: str.isdigit() also accepts digits such as "²" that int() refuses (a 500).
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
         raise validation_failed(f"limit: an integer from 1 to {maximum}")
     return int(raw)
 
 
+@operation(
+    summary="The conversations this session's scope may see",
+    description=(
+        "A verified session sees its contact's history for its externalId (from every "
+        "device); anonymous and unverified sessions see only their own browser's. Newest "
+        "first, paged with `cursor`."
+    ),
+    tags=["widget sessions"],
+    query=[
+        Query("limit", Annotated[int, Meta(ge=1, le=50)], "Page size (default 20)."),
+        Query(
+            "cursor",
+            Annotated[str, Meta(max_length=200)],
+            "`nextCursor` from the previous page.",
+        ),
+    ],
+    responses={200: HistoryOut},
+    security="sessionToken",
+    errors={
+        401: (
+            "`invalid_session_token` (missing, unknown or another session's token), "
+            "`session_ended` (logged out, device revoked or expired) or `token_revoked`."
+        ),
+        403: "`origin_not_allowed`.",
+        404: "`not_found`: the path's session id is not a UUID.",
+        422: "`validation_failed`: limit or cursor is not valid.",
+        429: "",
+    },
+)
 @with_cors
 async def session_history(request: web.Request) -> web.Response:
     session_id, located = await _session_for(request)
@@ -289,10 +380,10 @@ async def session_history(request: web.Request) -> web.Response:
     messages = await queries.conversation_messages(
         deps.pool, record.org_id, [c.id for c in page], deps.config.messages_per_conversation
     )
-    by_conversation: dict[str, list[MessageOut]] = {c.id: [] for c in page}
+    by_conversation: dict[str, list[WidgetMessageOut]] = {c.id: [] for c in page}
     for m in messages:
         by_conversation[m.conversation_id].append(
-            MessageOut(
+            WidgetMessageOut(
                 id=m.id,
                 author=m.author,
                 text=m.body,
@@ -302,7 +393,7 @@ async def session_history(request: web.Request) -> web.Response:
         )
     out = HistoryOut(
         conversations=[
-            ConversationOut(id=c.id, created_at=c.created_at, messages=by_conversation[c.id])
+            WidgetConversationOut(id=c.id, created_at=c.created_at, messages=by_conversation[c.id])
             for c in page
         ],
         next_cursor=_make_cursor(page[-1].created_at, page[-1].id) if more else None,
@@ -310,6 +401,25 @@ async def session_history(request: web.Request) -> web.Response:
     return json_response(out, headers=_NO_STORE)
 
 
+@operation(
+    summary="Log out this browser: unbind the device and end the session",
+    description=(
+        "The session token stops working and the browser gets a fresh `visitorToken`: the "
+        "next session there is a new visitor that sees none of the contact's history."
+    ),
+    tags=["widget sessions"],
+    responses={200: LogoutOut},
+    security="sessionToken",
+    errors={
+        401: (
+            "`invalid_session_token` (missing, unknown or another session's token), "
+            "`session_ended` (logged out, device revoked or expired) or `token_revoked`."
+        ),
+        403: "`origin_not_allowed`.",
+        404: "`not_found`: the path's session id is not a UUID.",
+        429: "",
+    },
+)
 @with_cors
 async def logout(request: web.Request) -> web.Response:
     session_id, located = await _session_for(request)
@@ -331,6 +441,14 @@ async def logout(request: web.Request) -> web.Response:
 # --- internal API ---------------------------------------------------------------------------
 
 
+@operation(
+    summary="Session introspection for platform services",
+    tags=["sessions"],
+    responses={200: SessionInfoOut},
+    security="apiKey",
+    scope="sessions:read",
+    errors=(404,),
+)
 async def get_session(request: web.Request) -> web.Response:
     principal = await request.app[API_KEYS].authenticate(request, "sessions:read")
     session_id = parse_uuid(request.match_info["session_id"], "session")
@@ -362,6 +480,14 @@ async def get_session(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+@operation(
+    summary="The devices (visitors) bound to a contact",
+    tags=["sessions"],
+    responses={200: DevicesOut},
+    security="apiKey",
+    scope="contacts:manage",
+    errors=(404,),
+)
 async def list_devices(request: web.Request) -> web.Response:
     principal = await request.app[API_KEYS].authenticate(request, "contacts:manage")
     contact_id = parse_uuid(request.match_info["contact_id"], "contact")
@@ -380,6 +506,14 @@ async def list_devices(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+@operation(
+    summary="Unbind one device from a contact and end its sessions",
+    tags=["sessions"],
+    responses={204: Content(None, description="Unbound.")},
+    security="apiKey",
+    scope="contacts:manage",
+    errors=(404,),
+)
 async def delete_device(request: web.Request) -> web.Response:
     principal = await request.app[API_KEYS].authenticate(request, "contacts:manage")
     contact_id = parse_uuid(request.match_info["contact_id"], "contact")

@@ -12,10 +12,12 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from services.session_resolution.identity import EMAIL_MAX, EXTERNAL_ID_MAX, NAME_MAX
+from services.session_resolution.identity import EMAIL_MAX, EXTERNAL_ID_MAX, NAME_MAX, Level
 
+# Postgres text and jsonb cannot hold NUL: refused while decoding (a 422), not at the insert.
+NO_NUL = "^[^\x00]*$"
 # Browser-supplied custom values are scalars only: no nesting to walk, nothing to smuggle.
-StrValue = Annotated[str, Meta(max_length=1000)]
+StrValue = Annotated[str, Meta(max_length=1000, pattern=NO_NUL)]
 ScalarValue = StrValue | int | float | bool | None
 Key = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")]
 CUSTOM_DATA_MAX_KEYS = 50
@@ -34,9 +36,9 @@ class _Out(msgspec.Struct, rename="camel", kw_only=True):
 class UserIn(_In):
     # A contact token with customData (itself capped at 8 KiB by the issuer) fits well in 16 KiB.
     token: Annotated[str, Meta(min_length=1, max_length=16 * 1024)] | None = None
-    external_id: Annotated[str, Meta(max_length=EXTERNAL_ID_MAX)] | None = None
-    name: Annotated[str, Meta(max_length=NAME_MAX)] | None = None
-    email: Annotated[str, Meta(max_length=EMAIL_MAX)] | None = None
+    external_id: Annotated[str, Meta(max_length=EXTERNAL_ID_MAX, pattern=NO_NUL)] | None = None
+    name: Annotated[str, Meta(max_length=NAME_MAX, pattern=NO_NUL)] | None = None
+    email: Annotated[str, Meta(max_length=EMAIL_MAX, pattern=NO_NUL)] | None = None
 
 
 class SessionRequest(_In):
@@ -61,7 +63,7 @@ class AttributeOut(_Out):
 
 
 class IdentityOut(_Out):
-    level: str  # "anonymous" | "unverified" | "verified"
+    level: Level
     visitor_id: str
     contact_id: str | None
     external_id: str | None
@@ -69,7 +71,7 @@ class IdentityOut(_Out):
     attributes: dict[str, AttributeOut]
 
 
-class MergeOut(_Out):
+class MergeRefOut(_Out):
     id: str
     status: str
 
@@ -97,7 +99,7 @@ class SessionOut(_Out):
     expires_at: datetime
     visitor_token: str
     identity: IdentityOut
-    merge: MergeOut | None
+    merge: MergeRefOut | None
     collect: CollectOut
 
 
@@ -106,7 +108,7 @@ class LogoutOut(_Out):
     ended_sessions: int
 
 
-class MessageOut(_Out):
+class WidgetMessageOut(_Out):
     id: str
     author: str
     text: str
@@ -114,14 +116,14 @@ class MessageOut(_Out):
     created_at: datetime
 
 
-class ConversationOut(_Out):
+class WidgetConversationOut(_Out):
     id: str
     created_at: datetime
-    messages: list[MessageOut]
+    messages: list[WidgetMessageOut]
 
 
 class HistoryOut(_Out):
-    conversations: list[ConversationOut]
+    conversations: list[WidgetConversationOut]
     next_cursor: str | None
 
 

@@ -33,6 +33,12 @@ def check_expiry(expires_at: datetime | None) -> datetime | None:
         return None
     if expires_at.tzinfo is None:
         raise validation_failed("expiresAt must carry a time zone (e.g. 2030-01-01T00:00:00Z)")
+    try:
+        # In UTC it must still be a storable instant: an extreme offset on 9999-12-31 is not
+        # (it was a 500 from the driver).
+        expires_at = expires_at.astimezone(UTC)
+    except OverflowError:
+        raise validation_failed("expiresAt is out of range") from None
     if expires_at <= datetime.now(UTC):
         raise validation_failed("expiresAt must be in the future")
     return expires_at

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import uuid
+
 from aiohttp import web
 
 from services.token_issuance import api_keys, contacts, orgs, signing_keys, widget_tokens
 from services.token_issuance.deps import JWKS, KEYRING
 from services.token_issuance.schemas import (
+    ApiKeyCreated,
+    ApiKeyRevoked,
+    AuthenticateUserRequest,
+    AuthenticateUserResponse,
+    CreateApiKeyRequest,
+    CreateOrgRequest,
+    CreateWidgetTokenRequest,
+    JwksResponse,
+    Kid,
+    OrgInfo,
+    SigningKeyDeleted,
+    SigningKeyInfo,
+    TokensRevokedResponse,
+    UpdateOrgRequest,
+    WidgetTokenCreated,
     authenticate_user_decoder,
     create_api_key_decoder,
     create_org_decoder,
@@ -17,6 +34,7 @@ from shared.auth import API_KEYS, require_admin
 from shared.db import DB_POOL
 from shared.errors import not_found
 from shared.http import SETTINGS, decode_body, json_response, parse_uuid
+from shared.openapi import Query, operation
 from shared.outbox import OUTBOX
 from shared.policy import POLICIES
 from shared.ratelimit import Limit, RateLimiter
@@ -27,6 +45,30 @@ from shared.tokens import CONTACT_TOKENS, KID_PATTERN
 # --- for customer backends -----------------------------------------------------------------
 
 
+@operation(
+    summary="Mint a contact token for a signed-in user",
+    description=(
+        "Called by the org's backend. Upserts the contact (keyed by `userId` when given, else "
+        "by the normalised `email`), records `contact.authenticated` and returns a signed "
+        "contact token for the widget's `user.token`. The org comes from the API key."
+    ),
+    tags=["token issuance"],
+    body=AuthenticateUserRequest,
+    responses={200: AuthenticateUserResponse},
+    security="apiKey",
+    scope="contacts:authenticate",
+    errors={
+        409: (
+            "`identity_conflict` (the email is another contact's verified email, or the "
+            "identity belongs to an erased contact) or `no_signing_key`."
+        ),
+        422: (
+            "`validation_failed`: neither userId nor email, an invalid email, customData keys "
+            "or size, expiresIn above the org's tokenMaxTtlSeconds; nothing was changed."
+        ),
+        429: "",
+    },
+)
 async def authenticate_user(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
@@ -45,6 +87,18 @@ async def authenticate_user(request: web.Request) -> web.Response:
     return json_response(result)
 
 
+@operation(
+    summary="Revoke every contact token issued so far (log out everywhere)",
+    description=(
+        "Tokens issued before this call stop verifying on every replica within a second; "
+        "records `contact.tokens_revoked`."
+    ),
+    tags=["token issuance"],
+    responses={200: TokensRevokedResponse},
+    security="apiKey",
+    scope="contacts:manage",
+    errors=(404,),
+)
 async def revoke_tokens(request: web.Request) -> web.Response:
     app = request.app
     principal = await app[API_KEYS].authenticate(request, "contacts:manage")
@@ -56,12 +110,25 @@ async def revoke_tokens(request: web.Request) -> web.Response:
     return json_response(result)
 
 
+@operation(
+    summary="Public keys that verify contact tokens (JWKS)",
+    tags=["token issuance"],
+    query=[
+        Query(
+            "org",
+            uuid.UUID,
+            "Only this org's keys (a non-UUID value is `404 not_found`); all orgs' when absent.",
+        )
+    ],
+    responses={200: JwksResponse},
+    errors=(404,),
+)
 async def jwks(request: web.Request) -> web.Response:
     raw_org = request.query.get("org")
     org_id = parse_uuid(raw_org, "org") if raw_org is not None else None
     keys = await request.app[JWKS].keys(request.app[DB_POOL], org_id)
     # Short public caching: a rotated-in key must reach outside verifiers quickly.
-    return json_response({"keys": keys}, headers={"Cache-Control": "public, max-age=30"})
+    return json_response(JwksResponse(keys=keys), headers={"Cache-Control": "public, max-age=30"})
 
 
 # --- admin ---------------------------------------------------------------------------------
@@ -72,6 +139,13 @@ def _org_id(request: web.Request) -> str:
     return parse_uuid(request.match_info["org_id"], "org")
 
 
+@operation(
+    summary="Create an org with its policy and first signing key",
+    tags=["admin"],
+    body=CreateOrgRequest,
+    responses={201: OrgInfo},
+    security="adminToken",
+)
 async def create_org(request: web.Request) -> web.Response:
     require_admin(request)
     body = await decode_body(request, create_org_decoder)
@@ -87,11 +161,30 @@ async def create_org(request: web.Request) -> web.Response:
     return json_response(result, status=201)
 
 
+@operation(
+    summary="Read an org and its full policy",
+    tags=["admin"],
+    responses={200: OrgInfo},
+    security="adminToken",
+    errors=(404,),
+)
 async def get_org(request: web.Request) -> web.Response:
     org_id = _org_id(request)
     return json_response(await orgs.get_org(request.app[DB_POOL], org_id))
 
 
+@operation(
+    summary="Rename an org and/or merge-patch its policy",
+    description=(
+        "`policy` is an RFC 7396 merge patch onto the current policy (null resets a key to "
+        "its default); the result must be a valid policy as a whole, else 422 and no change."
+    ),
+    tags=["admin"],
+    body=UpdateOrgRequest,
+    responses={200: OrgInfo},
+    security="adminToken",
+    errors=(404,),
+)
 async def update_org(request: web.Request) -> web.Response:
     org_id = _org_id(request)
     body = await decode_body(request, update_org_decoder)
@@ -100,6 +193,14 @@ async def update_org(request: web.Request) -> web.Response:
     return json_response(result)
 
 
+@operation(
+    summary="Create an API key with scopes (the key is shown once)",
+    tags=["admin"],
+    body=CreateApiKeyRequest,
+    responses={201: ApiKeyCreated},
+    security="adminToken",
+    errors=(404,),
+)
 async def create_api_key(request: web.Request) -> web.Response:
     org_id = _org_id(request)
     body = await decode_body(request, create_api_key_decoder)
@@ -107,6 +208,13 @@ async def create_api_key(request: web.Request) -> web.Response:
     return json_response(result, status=201)
 
 
+@operation(
+    summary="Revoke an API key",
+    tags=["admin"],
+    responses={200: ApiKeyRevoked},
+    security="adminToken",
+    errors=(404,),
+)
 async def revoke_api_key(request: web.Request) -> web.Response:
     org_id = _org_id(request)
     key_id = parse_uuid(request.match_info["key_id"], "API key")
@@ -116,6 +224,14 @@ async def revoke_api_key(request: web.Request) -> web.Response:
     return json_response(revocation.response)
 
 
+@operation(
+    summary="Create a widget token with allowed origins and widget settings",
+    tags=["admin"],
+    body=CreateWidgetTokenRequest,
+    responses={201: WidgetTokenCreated},
+    security="adminToken",
+    errors=(404,),
+)
 async def create_widget_token(request: web.Request) -> web.Response:
     org_id = _org_id(request)
     body = await decode_body(request, create_widget_token_decoder)
@@ -123,6 +239,14 @@ async def create_widget_token(request: web.Request) -> web.Response:
     return json_response(result, status=201)
 
 
+@operation(
+    summary="Rotate: add a signing key that signs from now on",
+    description="Older keys keep verifying until they are deleted.",
+    tags=["admin"],
+    responses={201: SigningKeyInfo},
+    security="adminToken",
+    errors=(404,),
+)
 async def rotate_signing_key(request: web.Request) -> web.Response:
     org_id = _org_id(request)
     app = request.app
@@ -142,6 +266,17 @@ async def _key_created(app: web.Application, kid: str) -> None:
     await announce_key_added(app[REDIS], app[SETTINGS], kid)
 
 
+@operation(
+    summary="Delete a signing key (tokens it signed stop verifying)",
+    tags=["admin"],
+    path={"kid": Kid},
+    responses={200: SigningKeyDeleted},
+    security="adminToken",
+    errors={
+        404: "",
+        409: "`last_signing_key`: the org's only live key; rotate before deleting it.",
+    },
+)
 async def delete_signing_key(request: web.Request) -> web.Response:
     org_id = _org_id(request)
     kid = request.match_info["kid"]

@@ -12,9 +12,12 @@ from typing import Annotated, Any
 import msgspec
 
 from shared.policy import MAX_TOKEN_TTL_SECONDS, MIN_TOKEN_TTL_SECONDS, OrgPolicy
+from shared.tokens import KID_PATTERN
 from shared.widget import MAX_ORIGINS, WidgetSettings
 
 OrgName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# A signing key id in a path; anything else is simply not found.
+Kid = Annotated[str, msgspec.Meta(pattern=KID_PATTERN.pattern)]
 Scalar = str | int | float | bool | None
 
 # The largest customData (encoded JSON) a contact token may carry. Sized so that a token with
@@ -142,6 +145,13 @@ class AuthenticateUserResponse(_Response, frozen=True):
 class TokensRevokedResponse(_Response, frozen=True):
     contact_id: str
     not_before: datetime
+
+
+class JwksResponse(_Response, frozen=True):
+    """RFC 7517 JWK set: the public keys (each with ``kid``, ``alg``, ``use: sig``) that verify
+    contact tokens; a token's header ``kid`` names its key."""
+
+    keys: list[dict[str, Any]]
 
 
 create_org_decoder = msgspec.json.Decoder(CreateOrgRequest)
