@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import msgspec
+from aiohttp.http_exceptions import BadHttpMessage
 from prometheus_client import Counter, Gauge, Histogram
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -43,6 +44,22 @@ class JsonFormatter(logging.Formatter):
         return msgspec.json.encode(doc, enc_hook=str).decode()
 
 
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a malformed request (an 8 KiB URL, a broken request line) as an ERROR
+    with a traceback before any app code runs; the client already got its 400. One warning
+    line is the honest size for that, and keeps a flood of junk from drowning real errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = f"malformed HTTP request rejected with 400: {type(exc).__name__}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def configure_logging(level: str, *, json: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -55,6 +72,9 @@ def configure_logging(level: str, *, json: bool = True) -> None:
     root.setLevel(level)
     # aiohttp's access log duplicates our metrics and would dominate the output.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestFilter())
 
 
 # Metrics are process-wide (one registry per process), so they are defined once here.
