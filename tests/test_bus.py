@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,7 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.config import Settings
-from shared.consumer import StreamConsumer, dead_letters, replay_dead_letters
+from shared.consumer import Batched, StreamConsumer, dead_letters, replay_dead_letters
 from shared.events import EVENT_FIELD, VisitorCreated, VisitorCreatedData
 from shared.outbox import Outbox, OutboxRelay
 from tests.support.bus_worker import GROUP, effect_handler
@@ -312,6 +312,115 @@ async def test_poison_message_is_dead_lettered_after_n_deliveries_while_others_f
             return await redis.xlen(worker.dead_letters) == 1
 
         await eventually(garbage_parked_again, timeout=20)
+
+
+def batched_effects(poison: str | None, batch_sizes: list[int]) -> Batched:
+    """A batch-capable handler writing ``bus_effects``; the batch form writes every event's
+    effect first and only then fails on the poison one, so only a rollback keeps the good
+    ones of that batch from being applied twice."""
+
+    async def one(event: VisitorCreated, conn: asyncpg.Connection) -> None:
+        if event.subject == poison:
+            raise ValueError("this event can never be applied")
+        await effect_handler(0)(event, conn)
+
+    async def many(events: Sequence[VisitorCreated], conn: asyncpg.Connection) -> None:
+        batch_sizes.append(len(events))
+        await conn.execute(
+            """INSERT INTO bus_effects (event_id, subject, seq)
+               SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[])""",
+            [e.id for e in events],
+            [e.subject for e in events],
+            [e.seq for e in events],
+        )
+        if any(e.subject == poison for e in events):
+            raise ValueError("this event can never be applied")
+
+    return Batched(one=one, many=many)
+
+
+async def test_a_poison_message_in_a_batch_is_dead_lettered_and_the_rest_applied_once(
+    settings: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    good = [f"ok-{i}" for i in range(12)]
+    await emit_visitor_events(effects, settings, [*good[:5], "poison", *good[5:]])
+    await publish_all(settings, effects, redis, 13)
+
+    max_deliveries = 3
+    batch_sizes: list[int] = []
+    worker = consumer(
+        settings,
+        effects,
+        redis,
+        batched_effects("poison", batch_sizes),
+        consumer_max_deliveries=max_deliveries,
+        consumer_claim_idle_ms=50,
+        consumer_concurrency=1,  # one transaction for the whole read: the poison is inside it
+    )
+    async with background(worker.run):
+
+        async def settled() -> bool:
+            return (
+                await pending(redis, settings) == 0 and await redis.xlen(worker.dead_letters) == 1
+            )
+
+        await eventually(settled, timeout=20)
+        await asyncio.sleep(0.3)  # nothing further may arrive
+    assert batch_sizes and batch_sizes[0] == 13  # the batch path really ran, and failed
+    [letter] = await dead_letters(redis, settings, GROUP)
+    assert letter["deliveries"] == str(max_deliveries)
+    assert msgspec.json.decode(letter["event"])["subject"] == "poison"
+    rows = await effects.fetch("SELECT subject FROM bus_effects ORDER BY subject")
+    assert sorted(r["subject"] for r in rows) == sorted(good)  # each exactly once
+    assert (
+        await effects.fetchval("SELECT count(*) FROM processed_events WHERE consumer = $1", GROUP)
+        == 12
+    )
+
+
+async def test_a_batching_consumer_never_runs_two_events_of_a_subject_at_once(
+    settings: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    subjects = [f"subject-{i % 7}" for i in range(350)]
+    await emit_visitor_events(effects, settings, subjects)
+    await publish_all(settings, effects, redis, len(subjects))
+    batch_sizes: list[int] = []
+    in_flight: set[str] = set()
+    overlaps: list[str] = []
+    plain = batched_effects(None, batch_sizes)
+
+    async def many(events: Sequence[VisitorCreated], conn: asyncpg.Connection) -> None:
+        mine = {e.subject for e in events}
+        if len(mine) < len(events) or mine & in_flight:
+            overlaps.extend(sorted(mine))
+        in_flight.update(mine)
+        try:
+            await plain.many(events, conn)
+            await asyncio.sleep(0.002)  # widen the window another batch could overlap in
+        finally:
+            in_flight.difference_update(mine)
+
+    worker = consumer(
+        settings,
+        effects,
+        redis,
+        Batched(one=plain.one, many=many),
+        consumer_batch=60,
+        consumer_concurrency=2,
+    )
+    async with background(worker.run):
+
+        async def done() -> bool:
+            return await effects.fetchval("SELECT count(*) FROM bus_effects") == len(subjects)
+
+        await eventually(done, timeout=30)
+    assert max(batch_sizes) > 1  # several subjects per transaction
+    assert overlaps == []
+    rows = await effects.fetch("SELECT subject, seq FROM bus_effects ORDER BY applied_at")
+    last: dict[str, int] = {}
+    for row in rows:
+        assert row["seq"] == last.get(row["subject"], 0) + 1, (row["subject"], row["seq"])
+        last[row["subject"]] = row["seq"]
 
 
 async def test_one_consumer_applies_each_subjects_events_in_sequence_order(

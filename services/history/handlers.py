@@ -6,11 +6,13 @@ processed: a redelivered event is skipped before it gets here, and a crash rolls
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncpg
 from prometheus_client import Counter
 
 from services.history import merges
-from shared.consumer import Handler
+from shared.consumer import Batched, BatchHandler, Handler
 from shared.events import Event, HistoryMergeRequested
 from shared.outbox import Outbox
 
@@ -24,17 +26,36 @@ CONVERSATIONS_MOVED = Counter(
 )
 
 
+def _count(outcome: merges.MergeOutcome) -> None:
+    # Counted before commit: a rolled-back attempt is counted again on retry, which is
+    # acceptable for a rate metric.
+    MERGES_APPLIED.labels(outcome.status).inc()
+    if outcome.moved:
+        CONVERSATIONS_MOVED.inc(outcome.moved)
+
+
 def merge_requested_handler(outbox: Outbox) -> Handler:
     async def handle(event: HistoryMergeRequested, conn: asyncpg.Connection) -> None:
-        outcome = await merges.apply_requested_merge(conn, outbox, event.org_id, event.data)
-        # Counted before commit: a rolled-back attempt is counted again on retry, which is
-        # acceptable for a rate metric.
-        MERGES_APPLIED.labels(outcome.status).inc()
-        if outcome.moved:
-            CONVERSATIONS_MOVED.inc(outcome.moved)
+        _count(await merges.apply_requested_merge(conn, outbox, event.org_id, event.data))
+
+    return handle
+
+
+def merge_requested_batch_handler(outbox: Outbox) -> BatchHandler:
+    """Several merge requests (of different subjects) in one transaction: a backlog drains
+    with a fraction of the round trips of one transaction per merge."""
+
+    async def handle(events: Sequence[HistoryMergeRequested], conn: asyncpg.Connection) -> None:
+        requests = [(event.org_id, event.data) for event in events]
+        for outcome in await merges.apply_requested_merges(conn, outbox, requests):
+            _count(outcome)
 
     return handle
 
 
 def handlers(outbox: Outbox) -> dict[type[Event], Handler]:
-    return {HistoryMergeRequested: merge_requested_handler(outbox)}
+    return {
+        HistoryMergeRequested: Batched(
+            one=merge_requested_handler(outbox), many=merge_requested_batch_handler(outbox)
+        )
+    }

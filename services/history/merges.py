@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import asyncpg
 
@@ -164,6 +166,43 @@ def _contact_problem(live: dict[str, bool], contact_id: str, role: str) -> str |
     return None
 
 
+async def _move(conn: asyncpg.Connection, spec: MergeSpec) -> int:
+    if spec.source_visitor_id is not None:
+        return await queries.move_visitor_scope(
+            conn,
+            org_id=spec.org_id,
+            merge_id=spec.merge_id,
+            visitor_id=spec.source_visitor_id,
+            target_contact_id=spec.target_contact_id,
+            target_external_id=spec.target_external_id,
+        )
+    assert spec.source_contact_id is not None
+    return await queries.move_contact_scope(
+        conn,
+        org_id=spec.org_id,
+        merge_id=spec.merge_id,
+        contact_id=spec.source_contact_id,
+        external_id=spec.source_external_id,
+        target_contact_id=spec.target_contact_id,
+        target_external_id=spec.target_external_id,
+    )
+
+
+async def _announce(conn: asyncpg.Connection, outbox: Outbox, spec: MergeSpec, moved: int) -> None:
+    await outbox.emit(
+        conn,
+        HistoryMerged,
+        org_id=spec.org_id,
+        subject=spec.target_contact_id,
+        data=MergedData(
+            merge_id=spec.merge_id,
+            target_contact_id=spec.target_contact_id,
+            target_external_id=spec.target_external_id,
+            conversations_moved=moved,
+        ),
+    )
+
+
 async def apply_requested_merge(
     conn: asyncpg.Connection, outbox: Outbox, org_id: str, data: MergeRequestedData
 ) -> MergeOutcome:
@@ -206,39 +245,133 @@ async def _perform(conn: asyncpg.Connection, outbox: Outbox, spec: MergeSpec) ->
     if problem is not None:
         await queries.fail_merge(conn, spec.merge_id, problem)
         return MergeOutcome("failed")
-    if spec.source_visitor_id is not None:
-        moved = await queries.move_visitor_scope(
-            conn,
-            org_id=spec.org_id,
-            merge_id=spec.merge_id,
-            visitor_id=spec.source_visitor_id,
-            target_contact_id=spec.target_contact_id,
-            target_external_id=spec.target_external_id,
-        )
-    else:
-        assert spec.source_contact_id is not None
-        moved = await queries.move_contact_scope(
-            conn,
-            org_id=spec.org_id,
-            merge_id=spec.merge_id,
-            contact_id=spec.source_contact_id,
-            external_id=spec.source_external_id,
-            target_contact_id=spec.target_contact_id,
-            target_external_id=spec.target_external_id,
-        )
-    await outbox.emit(
-        conn,
-        HistoryMerged,
-        org_id=spec.org_id,
-        subject=spec.target_contact_id,
-        data=MergedData(
-            merge_id=spec.merge_id,
-            target_contact_id=spec.target_contact_id,
-            target_external_id=spec.target_external_id,
-            conversations_moved=moved,
-        ),
-    )
+    moved = await _move(conn, spec)
+    await _announce(conn, outbox, spec, moved)
     return MergeOutcome("done", moved)
+
+
+async def apply_requested_merges(
+    conn: asyncpg.Connection, outbox: Outbox, requests: Sequence[tuple[str, MergeRequestedData]]
+) -> list[MergeOutcome]:
+    """``apply_requested_merge`` for several (org id, request) pairs in the caller's one
+    transaction, in stream order, with the effect of applying them one after the other.
+
+    Concurrent batches must not deadlock, so the locks are taken phase by phase, each phase
+    in one sorted round trip, in the order of the module's lock order: the merge rows, the
+    scope advisory locks of every merge, their contacts, the conversations, and last the
+    target subjects' event sequences (history.merged is emitted in subject order).
+    """
+    specs = [MergeSpec.from_event(org_id, data) for org_id, data in requests]
+    outcomes: list[MergeOutcome] = [MergeOutcome("skipped")] * len(specs)
+    first: dict[str, int] = {}  # merge id -> index of its first request
+    for i, spec in enumerate(specs):
+        # Asked twice in one batch: the second finds it applied, as it would one by one.
+        if specs[first.setdefault(spec.merge_id, i)].org_id != spec.org_id:
+            log.warning(
+                "merge id belongs to another org; ignored", extra={"mergeId": spec.merge_id}
+            )
+    inserted = await queries.insert_merges(conn, [_row_of(specs[i]) for i in first.values()])
+    todo = {i: specs[i] for i in first.values() if specs[i].merge_id in inserted}
+    recorded = [specs[i].merge_id for i in first.values() if i not in todo]
+    if recorded:
+        for row in await queries.lock_merges(conn, recorded):
+            spec = MergeSpec.from_row(row)
+            if spec.org_id != specs[first[spec.merge_id]].org_id:
+                log.warning(
+                    "merge id belongs to another org; ignored", extra={"mergeId": spec.merge_id}
+                )
+            elif row["status"] == "pending":
+                todo[first[spec.merge_id]] = spec
+
+    errors = {i: "source and target are the same scope" for i, s in todo.items() if s.same_scope()}
+    active = sorted(i for i in todo if i not in errors)
+    modes: dict[int, bool] = {}  # advisory key -> shared; out of an entity is exclusive
+    for i in active:
+        into = lock_key(*todo[i].target_entity)
+        modes[into] = modes.get(into, True)
+    for i in active:
+        modes[lock_key(*todo[i].source_entity)] = False
+    if modes:
+        await queries.advisory_locks(conn, sorted(modes.items()))
+    pairs = sorted(
+        {(todo[i].org_id, c) for i in active for c in todo[i].contact_ids}, key=_by_contact
+    )
+    live = await queries.lock_contacts_of_orgs(conn, pairs) if pairs else {}
+    for i in active:
+        spec = todo[i]
+        mine = {c: live[(spec.org_id, c)] for c in spec.contact_ids if (spec.org_id, c) in live}
+        problem = _contact_problem(mine, spec.target_contact_id, "target")
+        if problem is None and spec.source_contact_id is not None:
+            problem = _contact_problem(mine, spec.source_contact_id, "source")
+        if problem is not None:
+            errors[i] = problem
+    if errors:
+        await queries.fail_merges(conn, [(todo[i].merge_id, e) for i, e in sorted(errors.items())])
+        for i in errors:
+            outcomes[i] = MergeOutcome("failed")
+
+    applying = [todo[i] for i in active if i not in errors]
+    moved = await _move_all(conn, applying)
+    for i, spec in sorted(
+        ((i, todo[i]) for i in active if i not in errors), key=lambda p: p[1].target_contact_id
+    ):
+        await _announce(conn, outbox, spec, moved[spec.merge_id])
+        outcomes[i] = MergeOutcome("done", moved[spec.merge_id])
+    return outcomes
+
+
+def _row_of(spec: MergeSpec) -> queries.MergeRow:
+    return (
+        spec.merge_id,
+        spec.org_id,
+        spec.reason,
+        spec.source_visitor_id,
+        spec.source_contact_id,
+        spec.source_external_id,
+        spec.target_contact_id,
+        spec.target_external_id,
+    )
+
+
+def _by_contact(pair: tuple[str, str]) -> str:
+    return pair[1]
+
+
+async def _move_all(conn: asyncpg.Connection, specs: list[MergeSpec]) -> dict[str, int]:
+    """Re-point the source scopes' conversations of locked, checked merges; merge id ->
+    conversations moved."""
+    sources = [spec.source_entity for spec in specs]
+    independent = len(set(sources)) == len(sources) and not set(sources) & {
+        spec.target_entity for spec in specs
+    }
+    if not independent:
+        # A chain or a shared source inside the batch: one move after the other, each seeing
+        # what the one before did.
+        return {spec.merge_id: await _move(conn, spec) for spec in specs}
+    # No conversation is in two source scopes and none moves into a later source: all the
+    # visitor scopes move in one statement (contact scopes are rare: admin merges).
+    visitors = [spec for spec in specs if spec.source_visitor_id is not None]
+    moved = (
+        await queries.move_visitor_scopes(
+            conn,
+            [
+                (
+                    spec.merge_id,
+                    spec.org_id,
+                    cast(str, spec.source_visitor_id),
+                    spec.target_contact_id,
+                    spec.target_external_id,
+                )
+                for spec in visitors
+            ],
+        )
+        if visitors
+        else {}
+    )
+    for spec in specs:
+        if spec.source_visitor_id is None:
+            moved[spec.merge_id] = await _move(conn, spec)
+    return moved
 
 
 async def request_contact_merge(

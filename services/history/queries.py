@@ -17,6 +17,9 @@ import asyncpg
 
 Db: TypeAlias = asyncpg.Pool | asyncpg.Connection
 Row: TypeAlias = asyncpg.Record
+# A merge row as written: id, org id, reason, source visitor id, source contact id, source
+# externalId, target contact id, target externalId.
+MergeRow: TypeAlias = tuple[str, str, str, str | None, str | None, str, str, str]
 
 
 # --- Sessions and scopes (read through the session service's published view) -------------
@@ -224,6 +227,21 @@ async def insert_merge(
     return bool(inserted)
 
 
+async def insert_merges(conn: asyncpg.Connection, merges: Sequence[MergeRow]) -> set[str]:
+    """``insert_merge`` for many merges in one round trip (in id order, so two transactions
+    recording the same ids wait for each other in order); returns the ids inserted."""
+    rows = await conn.fetch(
+        """INSERT INTO merges (id, org_id, reason, source_visitor_id, source_contact_id,
+                               source_external_id, target_contact_id, target_external_id)
+           SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::uuid[],
+                                $6::text[], $7::uuid[], $8::text[])
+           ORDER BY 1
+           ON CONFLICT (id) DO NOTHING RETURNING id""",
+        *(list(column) for column in zip(*merges, strict=True)),
+    )
+    return {str(row["id"]) for row in rows}
+
+
 _MERGE_COLUMNS = (
     "id, org_id, reason, status, source_visitor_id, source_contact_id, source_external_id,"
     " target_contact_id, target_external_id, conversation_ids, error, requested_at,"
@@ -235,6 +253,16 @@ async def lock_merge(conn: asyncpg.Connection, merge_id: str) -> Row | None:
     return await conn.fetchrow(
         f"SELECT {_MERGE_COLUMNS} FROM merges WHERE id = $1 FOR UPDATE", merge_id
     )
+
+
+async def lock_merges(conn: asyncpg.Connection, merge_ids: Sequence[str]) -> list[Row]:
+    """``lock_merge`` for many, in id order."""
+    rows: list[Row] = await conn.fetch(
+        f"""SELECT {_MERGE_COLUMNS} FROM merges WHERE id = ANY($1::uuid[])
+            ORDER BY id FOR UPDATE""",
+        list(merge_ids),
+    )
+    return rows
 
 
 async def get_merge(db: Db, org_id: str, merge_id: str) -> Row | None:
@@ -267,6 +295,21 @@ async def lock_contacts(
         contact_ids,
     )
     return {str(r["id"]): r["live"] for r in rows}
+
+
+async def lock_contacts_of_orgs(
+    conn: asyncpg.Connection, contacts: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], bool]:
+    """``lock_contacts`` for (org id, contact id) pairs of any orgs, in one round trip: KEY
+    SHARE in contact id order; map (org id, contact id) -> live. Missing pairs are absent."""
+    rows = await conn.fetch(
+        """SELECT c.org_id, c.id, c.erased_at IS NULL AS live FROM contacts AS c
+           WHERE (c.org_id, c.id) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[]))
+           ORDER BY c.id FOR KEY SHARE OF c""",
+        [org for org, _ in contacts],
+        [contact for _, contact in contacts],
+    )
+    return {(str(r["org_id"]), str(r["id"])): r["live"] for r in rows}
 
 
 # Both moves re-point every conversation of the source scope in one statement and record the
@@ -331,12 +374,63 @@ async def move_contact_scope(
     return moved
 
 
+async def move_visitor_scopes(
+    conn: asyncpg.Connection, moves: Sequence[tuple[str, str, str, str, str]]
+) -> dict[str, int]:
+    """``move_visitor_scope`` for many login merges at once: (merge id, org id, visitor id,
+    target contact id, target externalId) each; returns merge id -> conversations moved.
+    The caller makes sure no conversation is in two of the moves' source scopes, so one
+    statement does what the moves one after the other would.
+
+    The merge rows (already recorded, and locked by this transaction) are finished through
+    ON CONFLICT on their primary key rather than UPDATE ... FROM: that always goes through
+    the key, whereas a join may be planned as a scan of ``merges`` (a cached generic plan
+    made while the table was small stays in use as it grows, until the next ANALYZE)."""
+    rows = await conn.fetch(
+        """WITH m AS (
+               SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[])
+                   AS m(merge_id, org_id, visitor_id, contact_id, external_id)),
+           moved AS (
+               UPDATE conversations AS c
+               SET visitor_id = NULL, contact_id = m.contact_id, external_id = m.external_id,
+                   last_merge_id = m.merge_id, updated_at = now()
+               FROM m
+               WHERE c.org_id = m.org_id AND c.visitor_id = m.visitor_id
+                 AND c.visitor_id IS NOT NULL
+               RETURNING c.id, m.merge_id),
+           per_merge AS (
+               SELECT merge_id, array_agg(id ORDER BY id) AS ids FROM moved GROUP BY merge_id)
+           INSERT INTO merges AS g (id, org_id, reason, source_visitor_id, target_contact_id,
+                                    target_external_id, status, conversation_ids, completed_at)
+           SELECT m.merge_id, m.org_id, 'login', m.visitor_id, m.contact_id, m.external_id,
+                  'done', COALESCE(per_merge.ids, '{}'), now()
+           FROM m LEFT JOIN per_merge USING (merge_id)
+           ON CONFLICT (id) DO UPDATE
+           SET status = 'done', completed_at = now(), error = NULL,
+               conversation_ids = excluded.conversation_ids
+           RETURNING g.id, cardinality(g.conversation_ids) AS moved""",
+        *(list(column) for column in zip(*moves, strict=True)),
+    )
+    return {str(r["id"]): r["moved"] for r in rows}
+
+
 async def fail_merge(conn: asyncpg.Connection, merge_id: str, error: str) -> None:
     await conn.execute(
         """UPDATE merges SET status = 'failed', error = $2, completed_at = now()
            WHERE id = $1""",
         merge_id,
         error,
+    )
+
+
+async def fail_merges(conn: asyncpg.Connection, failures: Sequence[tuple[str, str]]) -> None:
+    """``fail_merge`` for many (merge id, error) pairs in one round trip."""
+    await conn.execute(
+        """UPDATE merges AS m SET status = 'failed', error = f.error, completed_at = now()
+           FROM unnest($1::uuid[], $2::text[]) AS f(id, error)
+           WHERE m.id = f.id""",
+        [merge_id for merge_id, _ in failures],
+        [error for _, error in failures],
     )
 
 
