@@ -566,6 +566,9 @@ async def scrub_published_events(db: Db, contact_id: str, *, batch: int = 5000) 
             """DELETE FROM outbox WHERE id IN (
                    SELECT id FROM outbox
                    WHERE published_at IS NOT NULL AND position($1::bytea IN payload) > 0
+                     -- The erasure's own events carry no personal data and are its audit
+                     -- trail; a relay that published them first must not see them vanish.
+                     AND event_type NOT IN ('contact.tokens_revoked', 'contact.erased')
                    LIMIT $2)""",
             needle,
             batch,
