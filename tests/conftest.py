@@ -64,16 +64,15 @@ async def database_url(servers: DevServers, template_database: str) -> AsyncIter
         await admin.close()
 
 
-@pytest.fixture
-def settings(database_url: str, servers: DevServers) -> Settings:
-    """Settings for one test: its own database and stream names, fast consumer timings,
+def settings_for(database_url: str, redis_url: str, *, prefix: str = "wi:t:") -> Settings:
+    """Settings for one test run: its own database and stream names, fast consumer timings,
     and rate limits high enough that only tests about rate limiting meet them."""
     return Settings(
         database_url=database_url,
-        redis_url=servers.redis_url,
+        redis_url=redis_url,
         admin_token=ADMIN_TOKEN,
         key_encryption_key=secrets.token_bytes(32),
-        stream_prefix=f"wi:t:{uuid.uuid4().hex[:12]}:",
+        stream_prefix=f"{prefix}{uuid.uuid4().hex[:12]}:",
         log_json=False,
         shutdown_timeout=5.0,
         consumer_block_ms=100,
@@ -85,6 +84,11 @@ def settings(database_url: str, servers: DevServers) -> Settings:
             sessions_per_visitor=100_000,
         ),
     )
+
+
+@pytest.fixture
+def settings(database_url: str, servers: DevServers) -> Settings:
+    return settings_for(database_url, servers.redis_url)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import secrets
 import threading
 import uuid
 import zlib
@@ -39,11 +38,11 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from services import all_in_one
-from shared.config import RateLimits, Settings
+from shared.config import Settings
 from shared.db import with_database
 from shared.devstack import DevServers
 from shared.openapi import build_document
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, settings_for
 from tests.support.server import Api, running
 from tests.support.tokens import OrgFixture, mint_contact_token, provision_org
 
@@ -110,23 +109,7 @@ async def _serve(
     stop: asyncio.Event,
 ) -> None:
     async with _database(servers, template) as database_url:
-        settings = Settings(
-            database_url=database_url,
-            redis_url=servers.redis_url,
-            admin_token=ADMIN_TOKEN,
-            key_encryption_key=secrets.token_bytes(32),
-            stream_prefix=f"wi:fuzz:{uuid.uuid4().hex[:12]}:",
-            log_json=False,
-            shutdown_timeout=5.0,
-            consumer_block_ms=100,
-            consumer_claim_idle_ms=300,
-            rate_limits=RateLimits(
-                authenticate_per_key=100_000,
-                sessions_per_ip=100_000,
-                sessions_per_widget_token=100_000,
-                sessions_per_visitor=100_000,
-            ),
-        )
+        settings = settings_for(database_url, servers.redis_url, prefix="wi:fuzz:")
         try:
             async with running(all_in_one.create_app(settings)) as api:
                 ready.set_result(await _provision(api))

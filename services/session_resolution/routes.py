@@ -128,6 +128,17 @@ def with_cors(handler: Handler) -> Handler:
     return wrapped
 
 
+# The errors every session-token route shares, documented once.
+_SESSION_TOKEN_ERRORS = {
+    401: (
+        "`invalid_session_token` (missing, unknown or another session's token), "
+        "`session_ended` (logged out, device revoked or expired) or `token_revoked`."
+    ),
+    403: "`origin_not_allowed`.",
+    404: "`not_found`: the path's session id is not a UUID.",
+}
+
+
 @operation(
     summary="CORS preflight for a widget endpoint",
     description=(
@@ -348,12 +359,7 @@ def _parse_limit(raw: str | None, maximum: int) -> int:
     responses={200: HistoryOut},
     security="sessionToken",
     errors={
-        401: (
-            "`invalid_session_token` (missing, unknown or another session's token), "
-            "`session_ended` (logged out, device revoked or expired) or `token_revoked`."
-        ),
-        403: "`origin_not_allowed`.",
-        404: "`not_found`: the path's session id is not a UUID.",
+        **_SESSION_TOKEN_ERRORS,
         422: "`validation_failed`: limit or cursor is not valid.",
         429: "",
     },
@@ -411,12 +417,7 @@ async def session_history(request: web.Request) -> web.Response:
     responses={200: LogoutOut},
     security="sessionToken",
     errors={
-        401: (
-            "`invalid_session_token` (missing, unknown or another session's token), "
-            "`session_ended` (logged out, device revoked or expired) or `token_revoked`."
-        ),
-        403: "`origin_not_allowed`.",
-        404: "`not_found`: the path's session id is not a UUID.",
+        **_SESSION_TOKEN_ERRORS,
         429: "",
     },
 )
