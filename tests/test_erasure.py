@@ -13,21 +13,19 @@ import asyncpg
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 
-from services.history import app as history
 from services.history.erasure import erase_contact
 from services.history.merges import apply_requested_merge
 from shared.config import Settings
 from shared.db import create_pool, in_transaction
 from shared.events import ContactAuthenticated, ContactAuthenticatedData
 from shared.outbox import Outbox
-from shared.service import service_app
 from tests.support.history_fixtures import (
     Org,
     add_conversations,
     bind_device,
     emit_merge_requests,
+    history_app,
     make_api_key,
     make_contact,
     make_org,
@@ -52,13 +50,6 @@ TABLES = (
     "messages",
     "merges",
 )
-
-
-def history_app(settings: Settings) -> web.Application:
-    app = service_app(settings, name="history-test")
-    history.setup(app)
-    history.setup_consumers(app)
-    return app
 
 
 @pytest.fixture

@@ -13,21 +13,19 @@ import asyncpg
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 
 from services import all_in_one
-from services.history import app as history
 from services.history.handlers import GROUP
 from services.history.merges import apply_requested_merge
 from shared.config import Settings
 from shared.consumer import dead_letters, replay_dead_letters
 from shared.db import create_pool
 from shared.outbox import Outbox
-from shared.service import service_app
 from tests.support.history_fixtures import (
     Org,
     add_conversations,
     emit_merge_requests,
+    history_app,
     make_api_key,
     make_contact,
     make_org,
@@ -39,14 +37,6 @@ from tests.support.history_fixtures import (
 )
 from tests.support.server import Api, eventually, running
 from tests.support.tokens import mint_contact_token, provision_org
-
-
-def history_app(settings: Settings, *, consumer: bool = True) -> web.Application:
-    app = service_app(settings, name="history-test")
-    history.setup(app)
-    if consumer:
-        history.setup_consumers(app)
-    return app
 
 
 @pytest.fixture

@@ -13,11 +13,14 @@ from datetime import UTC, datetime
 
 import asyncpg
 import redis.asyncio as aioredis
+from aiohttp import web
 
+from services.history import app as history
 from shared.auth import generate_api_key
 from shared.config import Settings
 from shared.events import EVENT_FIELD, HistoryMergeRequested, MergeRequestedData, encode_event
 from shared.outbox import Outbox
+from shared.service import service_app
 
 ALL_SCOPES = ("history:read", "history:write", "contacts:manage")
 
@@ -247,3 +250,12 @@ async def publish(
     for event in events:
         pipe.xadd(settings.events_stream, {EVENT_FIELD: encode_event(event)})
     await pipe.execute()
+
+
+def history_app(settings: Settings, *, consumer: bool = True) -> web.Application:
+    """The history service alone, with (by default) its merge consumer in the same process."""
+    app = service_app(settings, name="history-test")
+    history.setup(app)
+    if consumer:
+        history.setup_consumers(app)
+    return app
