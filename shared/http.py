@@ -111,6 +111,26 @@ def parse_uuid(raw: str, what: str) -> str:
         raise Problem(404, "not_found", f"{what} not found") from None
 
 
+# Labelled metric children per (method, route, status): ``labels()`` costs a lock and tuple
+# work on every call, and the same few combinations repeat. Bounded: past the cap (odd
+# methods), fall back to plain ``labels()``.
+_METRIC_CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+_METRIC_CHILDREN_MAX = 1024
+
+
+def _http_metrics(method: str, route: str, status: int) -> tuple[Any, Any]:
+    key = (method, route, status)
+    children = _METRIC_CHILDREN.get(key)
+    if children is None:
+        children = (
+            HTTP_LATENCY.labels(method, route),
+            HTTP_REQUESTS.labels(method, route, str(status)),
+        )
+        if len(_METRIC_CHILDREN) < _METRIC_CHILDREN_MAX:
+            _METRIC_CHILDREN[key] = children
+    return children
+
+
 @web.middleware
 async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
@@ -131,8 +151,9 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
         raise
     finally:
         HTTP_IN_FLIGHT.dec()
-        HTTP_LATENCY.labels(request.method, route_name).observe(time.perf_counter() - started)
-        HTTP_REQUESTS.labels(request.method, route_name, str(status)).inc()
+        latency, requests = _http_metrics(request.method, route_name, status)
+        latency.observe(time.perf_counter() - started)
+        requests.inc()
         request_id_var.reset(token)
 
 

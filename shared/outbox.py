@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
+import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -34,6 +35,9 @@ E = TypeVar("E", bound=Event)
 # without any coordination between replicas.
 _RELAY_LOCK_KEY = 0x5749_5245  # "WIRE"
 _NOTIFY_CHANNEL = "wi_outbox"
+# How the envelope's placeholder seq (0) appears in an encoded event (see Outbox.emit).
+_SEQ_MARK = b'"seq":0,"occurredAt":'
+_SEQ_PREFIX_LEN = len(b'"seq":')
 
 
 class Outbox:
@@ -54,33 +58,44 @@ class Outbox:
         if not conn.is_in_transaction():
             # Outside a transaction the event could outlive a rolled-back change.
             raise RuntimeError("Outbox.emit must run inside the state change's transaction")
-        # The row lock taken here also serialises concurrent writers for this subject, so
-        # sequence order is commit order.
-        seq: int = await conn.fetchval(
-            """INSERT INTO subject_seqs (subject, seq) VALUES ($1, 1)
-               ON CONFLICT (subject) DO UPDATE SET seq = subject_seqs.seq + 1
-               RETURNING seq""",
-            subject,
-        )
         # Every concrete event type has a ``data`` field; the envelope base does not.
         make: Any = event_type
         event: E = make(
             id=str(uuid.uuid4()),
             org_id=org_id,
             subject=subject,
-            seq=seq,
+            seq=0,  # placeholder: the real seq is spliced in by the statement below
             occurred_at=datetime.now(UTC),
             traceparent=traceparent_var.get(),
             data=data,
         )
-        await conn.execute(
-            "INSERT INTO outbox (event_id, stream, event_type, payload) VALUES ($1, $2, $3, $4)",
+        payload = encode_event(event)
+        # The envelope's seq is followed only by occurredAt and traceparent, and a quote inside
+        # a JSON string is always escaped, so the last match is the envelope's own seq field.
+        cut = payload.rfind(_SEQ_MARK)
+        if cut < 0:  # cannot happen with msgspec's encoding of the envelope
+            raise RuntimeError("event payload has no envelope seq field")
+        head, tail = payload[: cut + _SEQ_PREFIX_LEN], payload[cut + _SEQ_PREFIX_LEN + 1 :]
+        # One round trip: the subject_seqs row lock taken by the upsert also serialises
+        # concurrent writers for this subject, so sequence order is commit order.
+        seq: int = await conn.fetchval(
+            """WITH s AS (
+                   INSERT INTO subject_seqs (subject, seq) VALUES ($1, 1)
+                   ON CONFLICT (subject) DO UPDATE SET seq = subject_seqs.seq + 1
+                   RETURNING seq),
+               o AS (
+                   INSERT INTO outbox (event_id, stream, event_type, payload)
+                   SELECT $2, $3, $4, $5::bytea || convert_to(s.seq::text, 'UTF8') || $6::bytea
+                   FROM s)
+               SELECT seq FROM s""",
+            subject,
             uuid.UUID(event.id),
             self.stream,
             event_type.type_name(),
-            encode_event(event),
+            head,
+            tail,
         )
-        return event
+        return msgspec.structs.replace(event, seq=seq)
 
 
 class OutboxRelay:

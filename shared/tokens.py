@@ -55,6 +55,10 @@ TOKEN_VERIFICATIONS = Counter(
 
 _jws = jwt.PyJWS()
 
+# Signature checks remembered per token (see ContactTokenVerifier._signed_payload): a returning
+# visitor presents the same token on every page view. Bounded; tokens are at most 8 KiB.
+_VERIFIED_MAX_ENTRIES = 2048
+
 
 def token_invalid(detail: str) -> Problem:
     return Problem(401, "token_invalid", detail)
@@ -237,6 +241,7 @@ class ContactTokenVerifier:
         self.keys = keys or KeyStore()
         self.revocations = revocations or RevocationCache()
         self._key_deleted_hooks: list[Callable[[str], None]] = []
+        self._verified: dict[str, tuple[PublicKey, bytes]] = {}
 
     def bind(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -253,6 +258,7 @@ class ContactTokenVerifier:
 
     def key_deleted(self, kid: str) -> None:
         self.keys.forget(kid)
+        self._verified.clear()  # rare; belt and braces on top of the key-identity check
         for hook in self._key_deleted_hooks:
             hook(kid)
 
@@ -289,7 +295,7 @@ class ContactTokenVerifier:
         if key is None or key.alg != alg:
             raise token_invalid("the contact token was not signed by a live key")
         try:
-            payload = _jws.decode_complete(token, key.key, algorithms=[key.alg])["payload"]
+            payload = self._signed_payload(token, key)
             claims = _claims_decoder.decode(payload)
         except (jwt.PyJWTError, msgspec.DecodeError):
             raise token_invalid("the contact token's signature or claims are invalid") from None
@@ -311,6 +317,21 @@ class ContactTokenVerifier:
             external_id=claims.externalId,
             custom_data=claims.customData,
         )
+
+    def _signed_payload(self, token: str, key: PublicKey) -> bytes:
+        """The payload once the signature checks out with ``key``. A signature check depends only
+        on the exact token and the key, so a good one is remembered for that same key object;
+        a deleted key never reaches here (KeyStore.get returns None) and a refreshed store keeps
+        or replaces the object, so a stale entry can only miss. Every other check (header, key
+        liveness, claims, expiry, org, revocation) still runs on every call."""
+        hit = self._verified.get(token)
+        if hit is not None and hit[0] is key:
+            return hit[1]
+        payload: bytes = _jws.decode_complete(token, key.key, algorithms=[key.alg])["payload"]
+        if len(self._verified) >= _VERIFIED_MAX_ENTRIES:
+            self._verified.clear()  # bounded memory beats a perfect LRU here
+        self._verified[token] = (key, payload)
+        return payload
 
     def _check_claims(self, claims: _Claims) -> None:
         # Exact comparisons only: no prefix, substring or list membership.
