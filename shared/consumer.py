@@ -32,6 +32,7 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
+from aiohttp import web
 
 from shared import db
 from shared.config import Settings
@@ -43,9 +44,11 @@ from shared.events import (
     event_decoder,
     header_decoder,
 )
-from shared.lifecycle import sleep_or_stop
+from shared.http import SETTINGS
+from shared.lifecycle import Worker, add_worker, sleep_or_stop
 from shared.observability import EVENT_LAG, EVENTS_CONSUMED
-from shared.redis import TRANSIENT_REDIS_ERRORS, as_str
+from shared.outbox import OUTBOX, Outbox
+from shared.redis import REDIS, TRANSIENT_REDIS_ERRORS, as_str
 
 log = logging.getLogger(__name__)
 
@@ -507,3 +510,24 @@ async def replay_dead_letters(
         extra={"group": group, "count": replayed, "seconds": time.monotonic() - started},
     )
     return replayed
+
+
+def add_consumer(
+    app: web.Application,
+    *,
+    group: str,
+    handlers: Callable[[Outbox], Mapping[type[Event], Handler]],
+) -> None:
+    """Run a consumer group's ``StreamConsumer`` for the app's lifetime. ``handlers`` gets
+    the app's outbox, so handlers can emit follow-up events in their own transaction."""
+
+    def factory(app: web.Application) -> Worker:
+        return StreamConsumer(
+            app[SETTINGS],
+            app[db.DB_POOL],
+            app[REDIS],
+            group=group,
+            handlers=handlers(app[OUTBOX]),
+        ).run
+
+    add_worker(app, f"{group}-consumer", factory)

@@ -7,12 +7,7 @@ from aiohttp import web
 from services.history import handlers
 from services.history.routes import routes
 from shared.config import Settings
-from shared.consumer import StreamConsumer
-from shared.db import DB_POOL
-from shared.http import SETTINGS
-from shared.lifecycle import Worker, add_worker
-from shared.outbox import OUTBOX
-from shared.redis import REDIS
+from shared.consumer import add_consumer
 from shared.service import service_app
 
 NAME = "history"
@@ -32,18 +27,7 @@ def create_app(settings: Settings) -> web.Application:
 
 def setup_consumers(app: web.Application) -> None:
     """Add this service's event consumers (the merge consumer) to ``app``."""
-
-    def merge_consumer(app: web.Application) -> Worker:
-        consumer = StreamConsumer(
-            app[SETTINGS],
-            app[DB_POOL],
-            app[REDIS],
-            group=GROUP,
-            handlers=handlers.handlers(app[OUTBOX]),
-        )
-        return consumer.run
-
-    add_worker(app, "history-merge-consumer", merge_consumer)
+    add_consumer(app, group=GROUP, handlers=handlers.handlers)
 
 
 def create_consumer_app(settings: Settings) -> web.Application:

@@ -16,11 +16,8 @@ from services.session_resolution.deps import (
 )
 from services.session_resolution.routes import add_routes
 from shared.config import Settings
-from shared.consumer import StreamConsumer
-from shared.db import DB_POOL
+from shared.consumer import add_consumer
 from shared.http import SETTINGS
-from shared.lifecycle import Worker, add_worker
-from shared.outbox import OUTBOX
 from shared.policy import install_policies
 from shared.ratelimit import RateLimiter
 from shared.redis import REDIS
@@ -54,16 +51,7 @@ def setup(app: web.Application) -> None:
     app.cleanup_ctx.append(redis_backed)
     add_routes(app)
 
-    def revocation_consumer(app: web.Application) -> Worker:
-        return StreamConsumer(
-            app[SETTINGS],
-            app[DB_POOL],
-            app[REDIS],
-            group=consumers.GROUP,
-            handlers=consumers.handlers(app[OUTBOX]),
-        ).run
-
-    add_worker(app, "session-revocation-consumer", revocation_consumer)
+    add_consumer(app, group=consumers.GROUP, handlers=consumers.handlers)
 
 
 def create_app(settings: Settings) -> web.Application:
