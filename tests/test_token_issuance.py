@@ -21,11 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from services.all_in_one import create_app as create_all_in_one
 from services.token_issuance.app import create_app
 from services.token_issuance.deps import KEYRING
-from services.token_issuance.signing_keys import decrypt_private_key
+from services.token_issuance.signing_keys import decrypt_private_key, generate_signing_key
 from shared.config import RateLimits, Settings
 from shared.errors import ConfigError
 from shared.events import EVENT_FIELD, ContactAuthenticated, ContactTokensRevoked, event_decoder
-from shared.tokens import CONTACT_TOKENS, MAX_TOKEN_BYTES
+from shared.tokens import CONTACT_TOKENS, KID_PATTERN, MAX_TOKEN_BYTES
 from tests.support.server import Api, Reply, eventually, running
 from tests.support.tokens import OrgFixture, mint_contact_token, provision_org
 
@@ -394,6 +394,15 @@ async def test_private_keys_are_encrypted_at_rest(env: Env) -> None:
     # Bound to its kid: the ciphertext does not open under another kid.
     with pytest.raises(ConfigError):
         decrypt_private_key(env.settings.key_encryption_key, "another-kid-123", stored)
+
+
+def test_kids_match_the_kid_pattern_and_never_read_as_a_cli_option() -> None:
+    # A random base64url kid starts with "-" one time in 64; `keys delete --kid -x...` then
+    # failed in argparse (seen in CI).
+    for alg in ("EdDSA", "ES256"):
+        for _ in range(300):
+            kid = generate_signing_key(b"k" * 32, alg).kid
+            assert KID_PATTERN.match(kid) and kid[0].isalnum(), kid
 
 
 async def test_signing_keys_are_decrypted_once_not_per_request(env: Env) -> None:

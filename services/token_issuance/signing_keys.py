@@ -53,7 +53,9 @@ class SigningKey:
 
 
 def generate_signing_key(kek: bytes, alg: str) -> NewSigningKey:
-    kid = secrets.token_urlsafe(16)  # 22 chars of [A-Za-z0-9_-]: matches the kid pattern
+    # "k" + 22 chars of [A-Za-z0-9_-]: matches the kid pattern, and never starts with "-", which
+    # an operator's shell command (`keys delete --kid -Ab...`) would read as an option.
+    kid = "k" + secrets.token_urlsafe(16)
     private_key: PrivateKey
     if alg == "EdDSA":
         private_key = ed25519.Ed25519PrivateKey.generate()
