@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import secrets
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -21,7 +24,7 @@ from aiohttp import web
 
 from shared import db
 from shared.config import Settings
-from shared.events import EVENT_FIELD, Event, encode_event
+from shared.events import EVENT_FIELD, Event
 from shared.http import SETTINGS
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
 from shared.observability import EVENTS_PUBLISHED, OUTBOX_BACKLOG, traceparent_var
@@ -35,13 +38,47 @@ E = TypeVar("E", bound=Event)
 # without any coordination between replicas.
 _RELAY_LOCK_KEY = 0x5749_5245  # "WIRE"
 _NOTIFY_CHANNEL = "wi_outbox"
-# How the envelope's placeholder seq (0) appears in an encoded event (see Outbox.emit).
-_SEQ_MARK = b'"seq":0,"occurredAt":'
-_SEQ_PREFIX_LEN = len(b'"seq":')
+
+
+class Late:
+    """A field value that the emitting SQL statement computes (a contact id an upsert
+    returns, a timestamp read under a row lock), so the event can be written by the same
+    statement as the state change: one round trip, atomic without BEGIN/COMMIT.
+
+    Put ``late("column")`` where the value goes (``subject`` or any field of ``data``); the
+    statement's source CTE supplies ``column``, and Postgres renders it with ``to_json``
+    (text, uuid, boolean, number or timestamptz all decode as the field's type).
+    """
+
+    __slots__ = ("column",)
+
+    def __init__(self, column: str) -> None:
+        if not _COLUMN.match(column):
+            raise ValueError(f"not a plain column name: {column!r}")
+        self.column = column
+
+
+def late(column: str) -> Any:
+    """``Late(column)``, typed ``Any`` so it fits any field of an event struct."""
+    return Late(column)
+
+
+@dataclass(frozen=True, slots=True)
+class EventInsert:
+    """CTEs (``<name>_seq``, ``<name>_row``) that insert one event into the outbox from within
+    the caller's statement, with the parameters they use. ``seq_cte`` yields ``seq``."""
+
+    ctes: str
+    params: list[Any]
+    seq_cte: str
+    event: Event
+
+
+_COLUMN = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
 class Outbox:
-    """Writes events into the outbox table of the caller's open transaction."""
+    """Writes events into the outbox, in the same transaction (or statement) as the change."""
 
     def __init__(self, stream: str) -> None:
         self.stream = stream
@@ -55,51 +92,106 @@ class Outbox:
         subject: str,
         data: Any,
     ) -> E:
+        """Record an event inside the caller's open transaction; returns it with its seq."""
         if not conn.is_in_transaction():
             # Outside a transaction the event could outlive a rolled-back change.
             raise RuntimeError("Outbox.emit must run inside the state change's transaction")
+        insert = self.insert(
+            event_type, org_id=org_id, subject=subject, data=data, source="src", first_param=2
+        )
+        seq: int = await conn.fetchval(
+            f"WITH src AS (SELECT $1::text AS subject), {insert.ctes} "
+            f"SELECT seq FROM {insert.seq_cte}",
+            subject,
+            *insert.params,
+        )
+        event: E = msgspec.structs.replace(insert.event, seq=seq)  # type: ignore[assignment]
+        return event
+
+    def insert(
+        self,
+        event_type: type[Event],
+        *,
+        org_id: str,
+        subject: str | Late,
+        data: Any,
+        source: str,
+        first_param: int,
+        name: str = "event",
+    ) -> EventInsert:
+        """SQL that writes this event as part of a larger statement.
+
+        ``source`` is a CTE of that statement yielding at most one row: a ``subject`` text
+        column (whatever ``subject`` is here) and one column per ``Late`` value in ``data``.
+        No source row, no event: the event exists exactly when the change it reports does.
+        Parameters are numbered from ``first_param``. The subject's ``seq`` is taken in the
+        same statement; its row lock serialises writers per subject, so seq order is commit
+        order.
+        """
+        nonce = secrets.token_hex(8)
+        seq_cte, row_cte = f"{name}_seq", f"{name}_row"
+        seq = Late("seq")  # placeholder for the seq CTE's value
+        slots: dict[bytes, str] = {}
+
+        def placeholder(value: object) -> str:
+            if not isinstance(value, Late):
+                raise TypeError(f"cannot encode {type(value).__name__} in an event")
+            # msgspec escapes NUL, and escapes every quote inside a string, so the quoted,
+            # nonce-bearing form below cannot occur anywhere else in the payload.
+            text = f"\x00{nonce}:{len(slots)}"
+            column = f"{seq_cte}.seq" if value is seq else f"{source}.{value.column}"
+            slots[b'"\\u0000' + text[1:].encode() + b'"'] = column
+            return text
+
         # Every concrete event type has a ``data`` field; the envelope base does not.
         make: Any = event_type
-        event: E = make(
+        event: Event = make(
             id=str(uuid.uuid4()),
             org_id=org_id,
             subject=subject,
-            seq=0,  # placeholder: the real seq is spliced in by the statement below
+            seq=seq,
             occurred_at=datetime.now(UTC),
             traceparent=traceparent_var.get(),
             data=data,
         )
-        payload = encode_event(event)
-        # The envelope's seq is followed only by occurredAt and traceparent, and a quote inside
-        # a JSON string is always escaped, so the last match is the envelope's own seq field.
-        cut = payload.rfind(_SEQ_MARK)
-        if cut < 0:  # cannot happen with msgspec's encoding of the envelope
-            raise RuntimeError("event payload has no envelope seq field")
-        head, tail = payload[: cut + _SEQ_PREFIX_LEN], payload[cut + _SEQ_PREFIX_LEN + 1 :]
-        # One round trip: the subject_seqs row lock taken by the upsert also serialises
-        # concurrent writers for this subject, so sequence order is commit order.
-        seq: int = await conn.fetchval(
-            """WITH s AS (
-                   INSERT INTO subject_seqs (subject, seq) VALUES ($1, 1)
-                   ON CONFLICT (subject) DO UPDATE SET seq = subject_seqs.seq + 1
-                   RETURNING seq),
-               o AS (
-                   INSERT INTO outbox (event_id, stream, event_type, payload)
-                   SELECT $2, $3, $4, $5::bytea || convert_to(s.seq::text, 'UTF8') || $6::bytea
-                   FROM s)
-               SELECT seq FROM s""",
-            subject,
-            uuid.UUID(event.id),
-            self.stream,
-            event_type.type_name(),
-            head,
-            tail,
+        payload = msgspec.json.encode(event, enc_hook=placeholder)
+        cuts: list[tuple[int, bytes, str]] = []
+        for needle, expression in slots.items():
+            if payload.count(needle) != 1:  # cannot happen with msgspec's encoding
+                raise RuntimeError("late event field not found exactly once in the payload")
+            cuts.append((payload.index(needle), needle, expression))
+        cuts.sort()
+        params: list[Any] = [uuid.UUID(event.id), self.stream, event_type.type_name()]
+        parts: list[str] = []
+        at = 0
+        n = first_param + len(params)
+        for position, needle, expression in cuts:
+            params.append(payload[at:position])
+            parts.append(f"${n}::bytea || convert_to(to_json({expression})::text, 'UTF8')")
+            n += 1
+            at = position + len(needle)
+        params.append(payload[at:])
+        parts.append(f"${n}::bytea")
+        subject_sql = f"{source}.subject"
+        ctes = (
+            f"{seq_cte} AS ("
+            f"INSERT INTO subject_seqs (subject, seq) SELECT {subject_sql}, 1 FROM {source} "
+            f"ON CONFLICT (subject) DO UPDATE SET seq = subject_seqs.seq + 1 RETURNING seq), "
+            f"{row_cte} AS ("
+            f"INSERT INTO outbox (event_id, stream, event_type, payload) "
+            f"SELECT ${first_param}, ${first_param + 1}, ${first_param + 2}, {' || '.join(parts)} "
+            f"FROM {source}, {seq_cte})"
         )
-        return msgspec.structs.replace(event, seq=seq)
+        return EventInsert(ctes=ctes, params=params, seq_cte=seq_cte, event=event)
 
 
 class OutboxRelay:
     """Publishes committed outbox rows to their streams; one leader among all replicas."""
+
+    # Retry pauses, capped well below 10 s: events flow again within seconds of Postgres and
+    # Redis coming back after an outage of any length (RELIABILITY.md 23).
+    _MIN_BACKOFF = 0.5
+    _MAX_BACKOFF = 4.0
 
     def __init__(
         self,

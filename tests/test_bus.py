@@ -15,6 +15,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -24,8 +25,15 @@ import redis.asyncio as aioredis
 
 from shared.config import Settings
 from shared.consumer import Batched, StreamConsumer, dead_letters, replay_dead_letters
-from shared.events import EVENT_FIELD, VisitorCreated, VisitorCreatedData
-from shared.outbox import Outbox, OutboxRelay
+from shared.events import (
+    EVENT_FIELD,
+    ContactAuthenticated,
+    ContactAuthenticatedData,
+    VisitorCreated,
+    VisitorCreatedData,
+    event_decoder,
+)
+from shared.outbox import Outbox, OutboxRelay, late
 from tests.support.bus_worker import GROUP, effect_handler
 from tests.support.server import eventually
 
@@ -127,6 +135,58 @@ async def test_event_commits_with_its_state_change_or_not_at_all(
         "data",
     } <= set(event)
     assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+
+
+async def test_an_event_written_by_its_change_s_own_statement_carries_what_the_statement_computed(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # One statement, no BEGIN/COMMIT: the row and its event commit together or not at all.
+    outbox = Outbox(settings.events_stream)
+    await pool.execute("CREATE TABLE things (id uuid PRIMARY KEY, name text NOT NULL)")
+
+    def insert(name: str, *, existing: bool = False) -> tuple[str, list[Any]]:
+        event = outbox.insert(
+            ContactAuthenticated,
+            org_id="o",
+            subject=late("subject"),
+            data=ContactAuthenticatedData(
+                contact_id=late("thing_id"),
+                jti=name,  # a plain value beside the computed ones
+                expires_at=late("at"),
+                created=late("fresh"),
+                # Looks like a placeholder; must stay a plain string.
+                email="\x00" + name + ":0",
+            ),
+            source="made",
+            first_param=3,
+        )
+        statement = f"""WITH t AS (INSERT INTO things SELECT gen_random_uuid(), $1
+                                    WHERE NOT $2 RETURNING id),
+                           made AS (SELECT id::text AS subject, id AS thing_id,
+                                           timestamptz '2030-01-02 03:04:05+00' AS at,
+                                           true AS fresh FROM t),
+                           {event.ctes}
+                      SELECT thing_id FROM made"""
+        return statement, [name, existing, *event.params]
+
+    statement, params = insert("first")
+    thing_id = await pool.fetchval(statement, *params)
+    statement, params = insert("none", existing=True)
+    assert await pool.fetchval(statement, *params) is None  # no source row, no event
+    await pool.execute("ALTER TABLE things ADD CHECK (length(name) < 10)")
+    statement, params = insert("x" * 10)
+    with pytest.raises(asyncpg.CheckViolationError):  # the change fails: no event either
+        await pool.fetchval(statement, *params)
+
+    [payload] = await pool.fetchval("SELECT array_agg(payload) FROM outbox")
+    event = event_decoder.decode(payload)
+    assert isinstance(event, ContactAuthenticated)
+    assert event.subject == event.data.contact_id == str(thing_id)
+    assert event.seq == 1
+    assert event.data.expires_at == datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert event.data.created is True
+    assert event.data.jti == "first"
+    assert event.data.email == "\x00first:0"
 
 
 async def test_sequence_numbers_are_per_subject_and_gapless(

@@ -343,6 +343,12 @@ async def test_contact_authenticated_and_tokens_revoked_go_through_the_outbox(
         decode(env, second["token"])["jti"],
     ]
     assert [e.data.created for e in authenticated] == [True, False]
+    # Computed by the upsert statement that wrote the event: the token's own sub and exp.
+    for event, minted in zip(authenticated, (first, second), strict=True):
+        claims = decode(env, minted["token"])
+        assert event.data.contact_id == claims["sub"] == first["contactId"]
+        assert event.data.expires_at.timestamp() == claims["exp"]
+        assert event.data.email == claims.get("email")
     assert authenticated[1].data.external_id == "ws-1"
     assert all(e.subject == first["contactId"] and e.org_id == env.org.org_id for e in events)
     assert [e.seq for e in events] == [1, 2, 3]  # per-subject order

@@ -26,6 +26,7 @@ import msgspec
 
 from services.token_issuance import queries
 from services.token_issuance.keyring import Keyring
+from services.token_issuance.queries import Row
 from services.token_issuance.schemas import (
     MAX_CUSTOM_DATA_BYTES,
     AuthenticateUserRequest,
@@ -42,7 +43,7 @@ from shared.events import (
     ContactTokensRevoked,
     TokensRevokedData,
 )
-from shared.outbox import Outbox
+from shared.outbox import Outbox, late
 from shared.policy import DEFAULT_TOKEN_TTL_SECONDS, OrgPolicy
 from shared.tokens import MAX_TOKEN_BYTES
 
@@ -203,13 +204,6 @@ def _server_attributes(auth: Authentication) -> dict[str, Any]:
     return {k: {"value": v, "source": "server", "verified": True} for k, v in values.items()}
 
 
-def _issued_at(issued_at: datetime, not_before: datetime | None) -> int:
-    iat = math.floor(issued_at.timestamp())
-    if not_before is not None and iat < not_before.timestamp():
-        iat = math.ceil(not_before.timestamp())
-    return iat
-
-
 async def authenticate(
     pool: asyncpg.Pool,
     outbox: Outbox,
@@ -223,40 +217,43 @@ async def authenticate(
     jti = str(uuid.uuid4())
     new_id = str(uuid.uuid4())
     attributes = _server_attributes(auth)
+    # The contact id, `created` and the expiry come from the upsert itself (see
+    # queries.upsert_contact), so the event is written by the same statement.
+    event = outbox.insert(
+        ContactAuthenticated,
+        org_id=org_id,
+        subject=late("subject"),
+        data=ContactAuthenticatedData(
+            contact_id=late("contact_id"),
+            jti=jti,
+            expires_at=late("expires_at"),
+            user_id=auth.user_id,
+            email=auth.email,
+            external_id=auth.external_id,
+            created=late("created"),
+        ),
+        source="authenticated",
+        first_param=8,
+    )
 
-    async def work(conn: asyncpg.Connection) -> tuple[str, int, int]:
-        row = await queries.upsert_contact(
-            conn,
+    async def upsert() -> Row | None:
+        return await queries.upsert_contact(
+            pool,
             new_id=new_id,
             org_id=org_id,
             contact_key=auth.contact_key,
             user_id=auth.user_id,
             verified_email=auth.email,
             attributes=attributes,
+            expires_in=auth.expires_in,
+            event=event,
         )
-        if row is None:
-            raise identity_conflict("this identity belongs to an erased contact")
-        contact_id = str(row["id"])
-        iat = _issued_at(row["issued_at"], row["tokens_not_before"])
-        exp = iat + auth.expires_in
-        await outbox.emit(
-            conn,
-            ContactAuthenticated,
-            org_id=org_id,
-            subject=contact_id,
-            data=ContactAuthenticatedData(
-                contact_id=contact_id,
-                jti=jti,
-                expires_at=datetime.fromtimestamp(exp, UTC),
-                user_id=auth.user_id,
-                email=auth.email,
-                external_id=auth.external_id,
-                created=contact_id == new_id,
-            ),
-        )
-        return contact_id, iat, exp
 
-    contact_id, iat, exp = await _with_email_retry(pool, work, auth)
+    row = await _with_email_retry(upsert, auth)
+    if row is None:
+        raise identity_conflict("this identity belongs to an erased contact")
+    contact_id, iat = str(row["contact_id"]), int(row["iat"])
+    exp = iat + auth.expires_in
     token = sign_contact_token(
         key,
         _claims(auth, settings, org_id=org_id, contact_id=contact_id, jti=jti, iat=iat, exp=exp),
@@ -267,18 +264,15 @@ async def authenticate(
 
 
 async def _with_email_retry(
-    pool: asyncpg.Pool,
-    work: Callable[[asyncpg.Connection], Awaitable[tuple[str, int, int]]],
-    auth: Authentication,
-) -> tuple[str, int, int]:
+    upsert: Callable[[], Awaitable[Row | None]], auth: Authentication
+) -> Row | None:
     # ON CONFLICT arbitrates only on (org_id, contact_key). Two first-time calls for the same
     # new contact can race on the verified-email index instead: the loser retries once the
     # winner has committed and then takes the DO UPDATE path. A violation that survives the
     # retry is a real conflict: the email is the verified email of a different contact.
     for attempt in range(3):
         try:
-            result: tuple[str, int, int] = await in_transaction(pool, work)
-            return result
+            return await upsert()
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != _VERIFIED_EMAIL_INDEX:
                 raise

@@ -8,6 +8,8 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
+from shared.outbox import EventInsert
+
 Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
 Row: TypeAlias = asyncpg.Record
 
@@ -207,7 +209,7 @@ async def live_public_jwks(db: Executor, org_id: str | None) -> list[dict[str, A
 
 
 async def upsert_contact(
-    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
     *,
     new_id: str,
     org_id: str,
@@ -215,30 +217,50 @@ async def upsert_contact(
     user_id: str | None,
     verified_email: str | None,
     attributes: dict[str, Any],
+    expires_in: int,
+    event: EventInsert,
 ) -> Row | None:
-    """Insert or update the contact for ``contact_key`` in one race-free statement.
+    """Insert or update the contact for ``contact_key`` and record its event, in one
+    race-free statement (atomic without BEGIN/COMMIT: one round trip).
 
     Server attributes from this call overwrite earlier server values; omitted ones stay.
-    ``issued_at`` is read after the row lock is held, so it orders this issuance against any
-    revocation of the same contact (see contacts.revoke_tokens). Returns None when the
-    matching contact is erased (its key should have been tombstoned; never resurrect it).
+    ``iat`` is read from the database clock after the row lock is held, so it orders this
+    issuance against any revocation of the same contact (see contacts.revoke_tokens): it is
+    rounded up to the contact's ``tokens_not_before`` when they fall in the same second.
+    ``event`` is built on the ``authenticated`` source (columns ``subject``, ``contact_id``,
+    ``created``, ``expires_at``) with parameters from $8. Returns (contact_id, iat, created),
+    or None when the matching contact is erased (never resurrect it; no event then).
     """
-    row: Row | None = await conn.fetchrow(
-        """INSERT INTO contacts AS c (id, org_id, contact_key, user_id, verified_email, attributes)
-           VALUES ($1, $2, $3, $4, $5, $6)
-           ON CONFLICT (org_id, contact_key) DO UPDATE SET
-               user_id = COALESCE(EXCLUDED.user_id, c.user_id),
-               verified_email = COALESCE(EXCLUDED.verified_email, c.verified_email),
-               attributes = c.attributes || EXCLUDED.attributes,
-               updated_at = now()
-           WHERE c.erased_at IS NULL
-           RETURNING c.id, c.tokens_not_before, clock_timestamp() AS issued_at""",
+    row: Row | None = await pool.fetchrow(
+        f"""WITH upserted AS (
+               INSERT INTO contacts AS c
+                   (id, org_id, contact_key, user_id, verified_email, attributes)
+               VALUES ($1, $2, $3, $4, $5, $6)
+               ON CONFLICT (org_id, contact_key) DO UPDATE SET
+                   user_id = COALESCE(EXCLUDED.user_id, c.user_id),
+                   verified_email = COALESCE(EXCLUDED.verified_email, c.verified_email),
+                   attributes = c.attributes || EXCLUDED.attributes,
+                   updated_at = now()
+               WHERE c.erased_at IS NULL
+               RETURNING c.id, c.tokens_not_before, clock_timestamp() AS issued_at),
+           issued AS (
+               SELECT id, GREATEST(floor(extract(epoch FROM issued_at)),
+                                   ceil(extract(epoch FROM tokens_not_before)))::bigint AS iat
+               FROM upserted),
+           authenticated AS (
+               SELECT id::text AS subject, id AS contact_id, id = $1 AS created, iat,
+                      to_timestamp(iat + $7) AS expires_at
+               FROM issued),
+           {event.ctes}
+           SELECT contact_id, iat, created FROM authenticated""",
         new_id,
         org_id,
         contact_key,
         user_id,
         verified_email,
         attributes,
+        expires_in,
+        *event.params,
     )
     return row
 
