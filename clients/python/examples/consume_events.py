@@ -1,0 +1,83 @@
+"""Consume widget-identity events with a consumer group, typed.
+
+    pip install 'widget-identity-client[events]'
+    python consume_events.py --redis-url redis://localhost:6379 --group crm-sync
+
+Every event is printed once it is handled; it is acknowledged only after ``handle`` returns,
+so whatever a crash interrupts is delivered again on the next start. Ctrl-C stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+
+import redis.asyncio as aioredis
+from widget_identity_client.events import EventConsumer, Handler
+from widget_identity_client.models import (
+    AnyEvent,
+    ContactAuthenticated,
+    ContactErased,
+    HistoryMerged,
+)
+
+
+async def handle(event: AnyEvent) -> None:
+    # Delivery is at-least-once: a real handler deduplicates by event.id.
+    match event:
+        case ContactAuthenticated(data=data):
+            print(f"contact {data.contact_id} authenticated (userId {data.user_id})")
+        case HistoryMerged(data=data):
+            print(f"merge {data.merge_id}: {data.conversations_moved} conversations moved")
+        case ContactErased(data=data):
+            print(f"contact {data.contact_id} erased (receipt {data.receipt_id})")
+        case _:
+            print(f"{event.__struct_config__.tag} about {event.subject}")
+
+
+async def consume(
+    redis_url: str,
+    *,
+    group: str,
+    consumer: str | None = None,
+    stream_prefix: str = "wi:",
+    stop: asyncio.Event | None = None,
+    handler: Handler = handle,
+    block_ms: int = 5000,
+) -> None:
+    """Read ``{stream_prefix}events`` as ``consumer`` of ``group`` until ``stop`` is set."""
+    redis = aioredis.from_url(redis_url)
+    try:
+        consumer_group = EventConsumer(
+            redis, group=group, consumer=consumer, stream_prefix=stream_prefix, block_ms=block_ms
+        )
+        await consumer_group.run(handler, stop=stop)
+    finally:
+        await redis.aclose()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description="Print widget-identity events.")
+    parser.add_argument("--redis-url", default="redis://localhost:6379")
+    parser.add_argument("--group", default="example-consumer")
+    parser.add_argument("--consumer", default=None, help="default: host-pid")
+    parser.add_argument("--stream-prefix", default="wi:", help="the server's STREAM_PREFIX")
+    args = parser.parse_args()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
+            loop.add_signal_handler(sig, stop.set)
+    await consume(
+        args.redis_url,
+        group=args.group,
+        consumer=args.consumer,
+        stream_prefix=args.stream_prefix,
+        stop=stop,
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
