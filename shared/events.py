@@ -8,9 +8,9 @@ type instead).
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import msgspec
+
+from shared.timestamps import Timestamp
 
 
 class Event(msgspec.Struct, kw_only=True, frozen=True, rename="camel", tag_field="type"):
@@ -22,7 +22,7 @@ class Event(msgspec.Struct, kw_only=True, frozen=True, rename="camel", tag_field
     # The contact or visitor id this event is about; ``seq`` orders events per subject.
     subject: str
     seq: int
-    occurred_at: datetime
+    occurred_at: Timestamp
     traceparent: str | None = None
 
     @classmethod
@@ -39,7 +39,7 @@ class EventHeader(msgspec.Struct, frozen=True, rename="camel"):
     org_id: str
     subject: str
     seq: int
-    occurred_at: datetime
+    occurred_at: Timestamp
 
 
 class _Data(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
@@ -80,7 +80,7 @@ class SessionEnded(Event, frozen=True, tag="session.ended"):
 class ContactAuthenticatedData(_Data, frozen=True):
     contact_id: str
     jti: str
-    expires_at: datetime
+    expires_at: Timestamp
     user_id: str | None = None
     email: str | None = None
     external_id: str | None = None
@@ -128,7 +128,7 @@ class HistoryMergeUndone(Event, frozen=True, tag="history.merge_undone"):
 class TokensRevokedData(_Data, frozen=True):
     contact_id: str
     # Tokens with iat before this instant are rejected everywhere.
-    not_before: datetime
+    not_before: Timestamp
 
 
 class ContactTokensRevoked(Event, frozen=True, tag="contact.tokens_revoked"):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
+
+from shared.timestamps import Timestamp
 
 # Postgres text and jsonb cannot hold NUL; refusing it here keeps a bad body a 422, not a 500.
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=10_000, pattern="^[^\x00]*$")]
@@ -71,7 +72,7 @@ class MessageOut(_Out):
     sender_verified: bool
     text: str
     data: dict[str, Any]
-    created_at: datetime
+    created_at: Timestamp
 
 
 class ConversationOut(_Out):
@@ -79,8 +80,8 @@ class ConversationOut(_Out):
     scope: Scope
     origin_visitor_id: str
     last_merge_id: str | None
-    created_at: datetime
-    updated_at: datetime
+    created_at: Timestamp
+    updated_at: Timestamp
     messages: list[MessageOut]
     # True when older messages exist beyond the newest MESSAGES_PER_CONVERSATION.
     messages_truncated: bool
@@ -89,7 +90,7 @@ class ConversationOut(_Out):
 class CreatedConversation(_Out):
     id: str
     scope: Scope
-    created_at: datetime
+    created_at: Timestamp
     message: MessageOut | None
 
 
@@ -107,9 +108,9 @@ class MergeOut(_Out):
     conversation_ids: list[str]
     conversations_moved: int
     error: str | None
-    requested_at: datetime
-    completed_at: datetime | None
-    undone_at: datetime | None
+    requested_at: Timestamp
+    completed_at: Timestamp | None
+    undone_at: Timestamp | None
 
 
 class MergeAccepted(_Out):
@@ -126,7 +127,7 @@ class UndoResult(_Out):
 class ErasureReceipt(_Out):
     receipt_id: str
     contact_id: str
-    erased_at: datetime
+    erased_at: Timestamp
     conversations_deleted: int
     messages_deleted: int
     bindings_removed: int

@@ -6,13 +6,13 @@ before any work or write (RELIABILITY 30).
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
 from services.session_resolution.identity import EMAIL_MAX, EXTERNAL_ID_MAX, NAME_MAX, Level
+from shared.timestamps import Timestamp
 
 # Postgres text and jsonb cannot hold NUL: refused while decoding (a 422), not at the insert.
 NO_NUL = "^[^\x00]*$"
@@ -96,7 +96,7 @@ class CollectOut(_Out):
 class SessionOut(_Out):
     session_id: str
     session_token: str
-    expires_at: datetime
+    expires_at: Timestamp
     visitor_token: str
     identity: IdentityOut
     merge: MergeRefOut | None
@@ -113,12 +113,12 @@ class WidgetMessageOut(_Out):
     author: str
     text: str
     sender_verified: bool
-    created_at: datetime
+    created_at: Timestamp
 
 
 class WidgetConversationOut(_Out):
     id: str
-    created_at: datetime
+    created_at: Timestamp
     messages: list[WidgetMessageOut]
 
 
@@ -139,17 +139,17 @@ class SessionInfoOut(_Out):
     external_id_verified: bool
     attributes: dict[str, AttributeOut]
     active: bool
-    created_at: datetime
-    expires_at: datetime
-    ended_at: datetime | None
+    created_at: Timestamp
+    expires_at: Timestamp
+    ended_at: Timestamp | None
     end_reason: str | None
 
 
 class DeviceOut(_Out):
     visitor_id: str
     external_id: str | None
-    bound_at: datetime
-    last_seen_at: datetime
+    bound_at: Timestamp
+    last_seen_at: Timestamp
 
 
 class DevicesOut(_Out):

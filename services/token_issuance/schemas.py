@@ -6,12 +6,12 @@ body type. Responses are plain Structs encoded by ``json_response``.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
 from shared.policy import MAX_TOKEN_TTL_SECONDS, MIN_TOKEN_TTL_SECONDS, OrgPolicy
+from shared.timestamps import Timestamp
 from shared.tokens import KID_PATTERN
 from shared.widget import MAX_ORIGINS, WidgetSettings
 
@@ -52,15 +52,15 @@ class UpdateOrgRequest(_Request, frozen=True):
 class SigningKeyInfo(_Response, frozen=True):
     kid: str
     alg: str
-    created_at: datetime
+    created_at: Timestamp
 
 
 class OrgInfo(_Response, frozen=True):
     id: str
     name: str
     policy: dict[str, Any]
-    created_at: datetime
-    updated_at: datetime
+    created_at: Timestamp
+    updated_at: Timestamp
     signing_key: SigningKeyInfo | None = None
 
 
@@ -71,7 +71,7 @@ class CreateApiKeyRequest(_Request, frozen=True):
     scopes: Annotated[
         list[Annotated[str, msgspec.Meta(max_length=64)]], msgspec.Meta(min_length=1, max_length=16)
     ]
-    expires_at: datetime | None = None
+    expires_at: Timestamp | None = None
 
 
 class ApiKeyCreated(_Response, frozen=True):
@@ -79,13 +79,13 @@ class ApiKeyCreated(_Response, frozen=True):
     key: str  # shown once
     display_prefix: str
     scopes: list[str]
-    created_at: datetime
-    expires_at: datetime | None = None
+    created_at: Timestamp
+    expires_at: Timestamp | None = None
 
 
 class ApiKeyRevoked(_Response, frozen=True):
     id: str
-    revoked_at: datetime
+    revoked_at: Timestamp
 
 
 # --- admin: widget tokens ------------------------------------------------------------------
@@ -104,7 +104,7 @@ class WidgetTokenCreated(_Response, frozen=True):
     display_prefix: str
     allowed_origins: list[str]
     settings: dict[str, Any]
-    created_at: datetime
+    created_at: Timestamp
 
 
 # --- admin: signing keys -------------------------------------------------------------------
@@ -112,7 +112,7 @@ class WidgetTokenCreated(_Response, frozen=True):
 
 class SigningKeyDeleted(_Response, frozen=True):
     kid: str
-    deleted_at: datetime
+    deleted_at: Timestamp
 
 
 # --- POST /widget/authenticate-user --------------------------------------------------------
@@ -139,12 +139,12 @@ class AuthenticateUserRequest(_Request, frozen=True):
 class AuthenticateUserResponse(_Response, frozen=True):
     token: str
     contact_id: str
-    expires_at: datetime
+    expires_at: Timestamp
 
 
 class TokensRevokedResponse(_Response, frozen=True):
     contact_id: str
-    not_before: datetime
+    not_before: Timestamp
 
 
 class JwksResponse(_Response, frozen=True):

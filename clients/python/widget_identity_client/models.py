@@ -6,6 +6,7 @@ documents. Do not edit: change the server's types and run `.venv/bin/python clie
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal, TypeAlias
 
 import msgspec
@@ -26,7 +27,7 @@ class Event(Model, kw_only=True, frozen=True, tag_field="type"):
     org_id: str
     subject: str
     seq: int
-    occurred_at: str
+    occurred_at: datetime
     version: int = 1
     traceparent: str | None = None
 
@@ -43,13 +44,13 @@ class ApiKeyCreated(Model, kw_only=True, frozen=True):
     key: str
     display_prefix: str
     scopes: list[str]
-    created_at: str
-    expires_at: str | None = None
+    created_at: datetime
+    expires_at: datetime | None = None
 
 
 class ApiKeyRevoked(Model, kw_only=True, frozen=True):
     id: str
-    revoked_at: str
+    revoked_at: datetime
 
 
 class AttributeOut(Model, kw_only=True, frozen=True):
@@ -70,7 +71,7 @@ class AuthenticateUserRequest(Model, kw_only=True, frozen=True):
 class AuthenticateUserResponse(Model, kw_only=True, frozen=True):
     token: str
     contact_id: str
-    expires_at: str
+    expires_at: datetime
 
 
 class CollectFieldOut(Model, kw_only=True, frozen=True):
@@ -96,7 +97,7 @@ class ContactAuthenticated(Event, kw_only=True, frozen=True, tag="contact.authen
 class ContactAuthenticatedData(Model, kw_only=True, frozen=True):
     contact_id: str
     jti: str
-    expires_at: str
+    expires_at: datetime
     user_id: str | None = None
     email: str | None = None
     external_id: str | None = None
@@ -130,15 +131,15 @@ class ConversationOut(Model, kw_only=True, frozen=True):
     scope: Scope
     origin_visitor_id: str
     last_merge_id: str | None
-    created_at: str
-    updated_at: str
+    created_at: datetime
+    updated_at: datetime
     messages: list[MessageOut]
     messages_truncated: bool
 
 
 class CreateApiKeyRequest(Model, kw_only=True, frozen=True):
     scopes: list[str]
-    expires_at: str | None = None
+    expires_at: datetime | None = None
 
 
 class CreateConversation(Model, kw_only=True, frozen=True):
@@ -159,15 +160,15 @@ class CreateWidgetTokenRequest(Model, kw_only=True, frozen=True):
 class CreatedConversation(Model, kw_only=True, frozen=True):
     id: str
     scope: Scope
-    created_at: str
+    created_at: datetime
     message: MessageOut | None
 
 
 class DeviceOut(Model, kw_only=True, frozen=True):
     visitor_id: str
     external_id: str | None
-    bound_at: str
-    last_seen_at: str
+    bound_at: datetime
+    last_seen_at: datetime
 
 
 class DevicesOut(Model, kw_only=True, frozen=True):
@@ -177,7 +178,7 @@ class DevicesOut(Model, kw_only=True, frozen=True):
 class ErasureReceipt(Model, kw_only=True, frozen=True):
     receipt_id: str
     contact_id: str
-    erased_at: str
+    erased_at: datetime
     conversations_deleted: int
     messages_deleted: int
     bindings_removed: int
@@ -269,9 +270,9 @@ class MergeOut(Model, kw_only=True, frozen=True):
     conversation_ids: list[str]
     conversations_moved: int
     error: str | None
-    requested_at: str
-    completed_at: str | None
-    undone_at: str | None
+    requested_at: datetime
+    completed_at: datetime | None
+    undone_at: datetime | None
 
 
 class MergeRefOut(Model, kw_only=True, frozen=True):
@@ -308,15 +309,15 @@ class MessageOut(Model, kw_only=True, frozen=True):
     sender_verified: bool
     text: str
     data: dict[str, Any]
-    created_at: str
+    created_at: datetime
 
 
 class OrgInfo(Model, kw_only=True, frozen=True):
     id: str
     name: str
     policy: dict[str, Any]
-    created_at: str
-    updated_at: str
+    created_at: datetime
+    updated_at: datetime
     signing_key: SigningKeyInfo | None = None
 
 
@@ -395,16 +396,16 @@ class SessionInfoOut(Model, kw_only=True, frozen=True):
     external_id_verified: bool
     attributes: dict[str, AttributeOut]
     active: bool
-    created_at: str
-    expires_at: str
-    ended_at: str | None
+    created_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None
     end_reason: str | None
 
 
 class SessionOut(Model, kw_only=True, frozen=True):
     session_id: str
     session_token: str
-    expires_at: str
+    expires_at: datetime
     visitor_token: str
     identity: IdentityOut
     merge: MergeRefOut | None
@@ -435,23 +436,23 @@ class SessionResolvedData(Model, kw_only=True, frozen=True):
 
 class SigningKeyDeleted(Model, kw_only=True, frozen=True):
     kid: str
-    deleted_at: str
+    deleted_at: datetime
 
 
 class SigningKeyInfo(Model, kw_only=True, frozen=True):
     kid: str
     alg: str
-    created_at: str
+    created_at: datetime
 
 
 class TokensRevokedData(Model, kw_only=True, frozen=True):
     contact_id: str
-    not_before: str
+    not_before: datetime
 
 
 class TokensRevokedResponse(Model, kw_only=True, frozen=True):
     contact_id: str
-    not_before: str
+    not_before: datetime
 
 
 class UndoResult(Model, kw_only=True, frozen=True):
@@ -487,7 +488,7 @@ class VisitorCreatedData(Model, kw_only=True, frozen=True):
 
 class WidgetConversationOut(Model, kw_only=True, frozen=True):
     id: str
-    created_at: str
+    created_at: datetime
     messages: list[WidgetMessageOut]
 
 
@@ -496,7 +497,7 @@ class WidgetMessageOut(Model, kw_only=True, frozen=True):
     author: str
     text: str
     sender_verified: bool
-    created_at: str
+    created_at: datetime
 
 
 class WidgetSettings(Model, kw_only=True, frozen=True):
@@ -511,7 +512,7 @@ class WidgetTokenCreated(Model, kw_only=True, frozen=True):
     display_prefix: str
     allowed_origins: list[str]
     settings: dict[str, Any]
-    created_at: str
+    created_at: datetime
 
 
 AnyEvent: TypeAlias = (
