@@ -58,6 +58,9 @@ class Settings:
     redis_max_connections: int = 64
     relay_enabled: bool = True
     relay_batch: int = 500
+    # Acknowledged events stay this long in the stream (late readers, replays, debugging).
+    stream_retention_seconds: float = 24 * 3600.0
+    stream_trim_interval: float = 60.0
     consumer_batch: int = 100
     consumer_block_ms: int = 2000
     consumer_claim_idle_ms: int = 30_000
@@ -112,6 +115,9 @@ class Settings:
             db_pool_max=reader.get("DB_POOL_MAX", int, 10, check=_positive),
             redis_max_connections=reader.get("REDIS_MAX_CONNECTIONS", int, 64, check=_positive),
             relay_enabled=reader.get("RELAY_ENABLED", _boolean, True),
+            stream_retention_seconds=reader.get(
+                "STREAM_RETENTION_SECONDS", float, 24 * 3600.0, check=lambda v: v >= 0
+            ),
             consumer_max_deliveries=reader.get("CONSUMER_MAX_DELIVERIES", int, 5, check=_positive),
             consumer_claim_idle_ms=reader.get(
                 "CONSUMER_CLAIM_IDLE_MS", int, 30_000, check=_positive

@@ -8,14 +8,16 @@ from shared.auth import API_KEYS, ApiKeyAuthenticator
 from shared.config import Settings
 from shared.http import base_app
 from shared.outbox import OUTBOX, Outbox, add_relay
+from shared.retention import add_stream_retention
 
 
 def service_app(settings: Settings, *, name: str) -> web.Application:
     """Base HTTP app (probes, metrics, errors, pools) plus the outbox and, unless disabled,
-    the outbox relay. Builds objects only; every connection opens at start-up."""
+    the outbox relay and the events stream's retention. Builds objects only; every connection opens at start-up."""
     app = base_app(settings, name=name)
     app[OUTBOX] = Outbox(settings.events_stream)
     app[API_KEYS] = ApiKeyAuthenticator()
     if settings.relay_enabled:
         add_relay(app)
+        add_stream_retention(app)
     return app

@@ -1,0 +1,98 @@
+"""Bounded event streams: what every consumer group has acknowledged is trimmed once it is
+older than ``STREAM_RETENTION_SECONDS``; an entry still pending in some group, or not yet
+delivered to it, is never removed (RELIABILITY 21). Without this the stream, and Redis's
+memory, grows with every event ever published.
+
+Every process that runs the outbox relay also runs this (every ``STREAM_TRIM_INTERVAL``
+seconds). Concurrent trims from several replicas are harmless: each computes a bound from
+the groups' state at that moment and XTRIM MINID only ever removes entries below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import cast
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.exceptions import ResponseError
+
+from shared.config import Settings
+from shared.http import SETTINGS
+from shared.lifecycle import Worker, add_worker, sleep_or_stop
+from shared.observability import STREAM_ENTRIES, STREAM_TRIMMED
+from shared.redis import REDIS, TRANSIENT_REDIS_ERRORS
+
+log = logging.getLogger(__name__)
+
+StreamId = tuple[int, int]
+
+
+def parse_id(raw: bytes | str) -> StreamId:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def trim_bound(redis: aioredis.Redis, stream: str, *, retention_ms: int) -> StreamId:
+    """The lowest id that must stay: entries below it are old enough and acknowledged by
+    every group. A group's oldest pending entry stays (it may be retried or reclaimed), and
+    so does everything after its last-delivered id (not read yet)."""
+    now_ms = int(time.time() * 1000)
+    bound: StreamId = (max(0, now_ms - retention_ms), 0)
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return (0, 0)  # no stream yet: nothing to trim
+        raise
+    for group in groups:
+        if int(group["pending"]) > 0:
+            [oldest] = await redis.xpending_range(stream, group["name"], "-", "+", 1)
+            keep = parse_id(cast(bytes, oldest["message_id"]))
+        else:
+            # Everything up to last-delivered was acknowledged; keeping that one entry too
+            # costs nothing and needs no id arithmetic.
+            keep = parse_id(group["last-delivered-id"])
+        bound = min(bound, keep)
+    return bound
+
+
+async def trim_stream(redis: aioredis.Redis, stream: str, *, retention_ms: int) -> int:
+    """Remove what no group still needs; returns how many entries went."""
+    bound = await trim_bound(redis, stream, retention_ms=retention_ms)
+    if bound == (0, 0):
+        return 0
+    removed = int(await redis.xtrim(stream, minid=f"{bound[0]}-{bound[1]}", approximate=False))
+    STREAM_TRIMMED.inc(removed)
+    STREAM_ENTRIES.set(await redis.xlen(stream))
+    return removed
+
+
+class StreamRetention:
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+        self._stream = settings.events_stream
+        self._redis = redis
+        self._retention_ms = int(settings.stream_retention_seconds * 1000)
+        self._interval = settings.stream_trim_interval
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not await sleep_or_stop(stop, self._interval):
+            try:
+                removed = await trim_stream(
+                    self._redis, self._stream, retention_ms=self._retention_ms
+                )
+            except TRANSIENT_REDIS_ERRORS as exc:
+                log.warning("stream trim skipped", extra={"error": repr(exc)})
+                continue
+            if removed:
+                log.info("stream trimmed", extra={"stream": self._stream, "removed": removed})
+
+
+def add_stream_retention(app: web.Application) -> None:
+    def factory(app: web.Application) -> Worker:
+        return StreamRetention(app[SETTINGS], app[REDIS]).run
+
+    add_worker(app, "stream-retention", factory)
