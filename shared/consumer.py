@@ -48,7 +48,7 @@ from shared.http import SETTINGS
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
 from shared.observability import EVENT_LAG, EVENTS_CONSUMED
 from shared.outbox import OUTBOX, Outbox
-from shared.redis import REDIS, TRANSIENT_REDIS_ERRORS, as_str
+from shared.redis import REDIS, TRANSIENT_REDIS_ERRORS, as_str, block_within_timeout
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,8 @@ class StreamConsumer:
         self._claim_cursor = b"0-0"
         self._next_claim = 0.0
         self._unacked: list[bytes] = []
+        # XREADGROUP BLOCK shares the client's socket timeout: keep it inside.
+        self._block_ms = block_within_timeout(settings, settings.consumer_block_ms)
 
     async def ensure_group(self) -> None:
         try:
@@ -174,6 +176,10 @@ class StreamConsumer:
                 await self._handle(await self._read("0"))
                 while not stop.is_set():
                     handled = await self.poll_once()
+                    # Redis and Postgres answer again: the next outage starts from a short
+                    # pause. (Reset only on stop, the pause kept doubling from one outage to
+                    # the next: events flowed 1.5, 2.0, 6.1, 8.0 s after four Redis restarts.)
+                    backoff = 0.5
                     if not handled:
                         await asyncio.sleep(0)
                 await self._flush_acks()
@@ -184,7 +190,9 @@ class StreamConsumer:
                     extra={"group": self.group, "error": repr(exc)},
                 )
                 await sleep_or_stop(stop, backoff)
-                backoff = min(backoff * 2, 10.0)
+                # Capped well below 10 s: after an outage of any length the consumer is
+                # back within seconds of its dependency (RELIABILITY.md 23).
+                backoff = min(backoff * 2, 4.0)
             except redis.exceptions.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -200,9 +208,7 @@ class StreamConsumer:
         if now >= self._next_claim:
             self._next_claim = now + max(0.05, self.settings.consumer_claim_idle_ms / 4000)
             handled = await self._handle(await self._reclaim())
-        messages = await self._read(
-            ">", block=self.settings.consumer_block_ms if not handled else None
-        )
+        messages = await self._read(">", block=self._block_ms if not handled else None)
         return handled + await self._handle(messages)
 
     async def _reclaim(self) -> list[_Message]:

@@ -207,17 +207,19 @@ class OutboxRelay:
         self._poll_interval = poll_interval
         self._retention_hours = retention_hours
         self._wake = asyncio.Event()
+        # Pause before retrying after an outage; reset by every batch that goes through, so
+        # it only grows within one outage (it used to grow for the process's lifetime).
+        self._backoff = self._MIN_BACKOFF
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.5
         while not stop.is_set():
             try:
                 await self._lead_while_possible(stop)
-                backoff = 0.5
+                self._backoff = self._MIN_BACKOFF
             except (*db.TRANSIENT_DB_ERRORS, *TRANSIENT_REDIS_ERRORS) as exc:
                 log.warning("outbox relay interrupted; retrying", extra={"error": repr(exc)})
-                await sleep_or_stop(stop, backoff)
-                backoff = min(backoff * 2, 10.0)
+                await sleep_or_stop(stop, self._backoff)
+                self._backoff = min(self._backoff * 2, self._MAX_BACKOFF)
 
     async def _lead_while_possible(self, stop: asyncio.Event) -> None:
         conn = await asyncpg.connect(self._settings.database_url, timeout=10)
@@ -232,6 +234,7 @@ class OutboxRelay:
             loop = asyncio.get_running_loop()
             while not stop.is_set():
                 published = await self.publish_batch(conn)
+                self._backoff = self._MIN_BACKOFF
                 if loop.time() - pruned_at > 60:
                     await self._prune(conn)
                     pruned_at = loop.time()

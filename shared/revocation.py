@@ -46,7 +46,7 @@ from shared.events import (
     header_decoder,
 )
 from shared.lifecycle import sleep_or_stop
-from shared.redis import TRANSIENT_REDIS_ERRORS
+from shared.redis import TRANSIENT_REDIS_ERRORS, block_within_timeout
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,8 @@ class RevocationListener:
         self._cache = cache
         self._on_key_deleted = on_key_deleted
         self._on_key_added = on_key_added
-        self._block_ms = block_ms
+        # XREAD BLOCK shares the client's socket timeout: keep it inside.
+        self._block_ms = block_within_timeout(settings, block_ms)
         self._channel = revocation_channel(settings)
         self._stream = settings.events_stream
 
