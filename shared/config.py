@@ -113,6 +113,7 @@ class Settings:
             drain_delay=reader.get("DRAIN_DELAY", float, 0.0, check=lambda v: v >= 0),
             db_pool_min=reader.get("DB_POOL_MIN", int, 1, check=lambda v: v >= 0),
             db_pool_max=reader.get("DB_POOL_MAX", int, 10, check=_positive),
+            redis_socket_timeout=reader.get("REDIS_SOCKET_TIMEOUT", float, 5.0, check=_positive),
             redis_max_connections=reader.get("REDIS_MAX_CONNECTIONS", int, 64, check=_positive),
             relay_enabled=reader.get("RELAY_ENABLED", _boolean, True),
             stream_retention_seconds=reader.get(

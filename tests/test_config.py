@@ -30,9 +30,12 @@ def test_values_are_parsed_and_typed() -> None:
             "KEY_ENCRYPTION_KEY": kek,
             "RELAY_ENABLED": "false",
             "LOG_LEVEL": "debug",
+            "REDIS_SOCKET_TIMEOUT": "1.5",
+            "STREAM_RETENTION_SECONDS": "600",
         }
     )
     assert (settings.port, settings.relay_enabled, settings.log_level) == (9000, False, "DEBUG")
+    assert (settings.redis_socket_timeout, settings.stream_retention_seconds) == (1.5, 600.0)
     assert settings.key_encryption_key == b"k" * 32
 
 
@@ -46,6 +49,8 @@ def test_values_are_parsed_and_typed() -> None:
         ({"PORT": "70000"}, "PORT: '70000' is out of range"),
         ({"SHUTDOWN_TIMEOUT": "-1"}, "SHUTDOWN_TIMEOUT"),
         ({"RELAY_ENABLED": "perhaps"}, "RELAY_ENABLED: cannot parse"),
+        ({"REDIS_SOCKET_TIMEOUT": "0"}, "REDIS_SOCKET_TIMEOUT"),
+        ({"STREAM_RETENTION_SECONDS": "-1"}, "STREAM_RETENTION_SECONDS"),
         ({"ADMIN_TOKEN": "short"}, "ADMIN_TOKEN: too short"),
         ({"KEY_ENCRYPTION_KEY": "!!!"}, "KEY_ENCRYPTION_KEY"),
         ({"DB_POOL_MIN": "20", "DB_POOL_MAX": "5"}, "DB_POOL_MIN: must not exceed DB_POOL_MAX"),
