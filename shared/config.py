@@ -58,8 +58,10 @@ class Settings:
     redis_max_connections: int = 64
     relay_enabled: bool = True
     relay_batch: int = 500
-    # Acknowledged events stay this long in the stream (late readers, replays, debugging).
-    stream_retention_seconds: float = 24 * 3600.0
+    # Acknowledged events stay this long in the stream (late readers, debugging). The stream
+    # is a transport, not an archive: Redis memory is about event rate x retention, and the
+    # outbox table keeps published events for a day.
+    stream_retention_seconds: float = 3600.0
     stream_trim_interval: float = 60.0
     consumer_batch: int = 100
     consumer_block_ms: int = 2000
@@ -117,7 +119,7 @@ class Settings:
             redis_max_connections=reader.get("REDIS_MAX_CONNECTIONS", int, 64, check=_positive),
             relay_enabled=reader.get("RELAY_ENABLED", _boolean, True),
             stream_retention_seconds=reader.get(
-                "STREAM_RETENTION_SECONDS", float, 24 * 3600.0, check=lambda v: v >= 0
+                "STREAM_RETENTION_SECONDS", float, 3600.0, check=lambda v: v >= 0
             ),
             consumer_max_deliveries=reader.get("CONSUMER_MAX_DELIVERIES", int, 5, check=_positive),
             consumer_claim_idle_ms=reader.get(
