@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format bench clean clean-dev
+.PHONY: help install run test test-fast lint format bench soak clean clean-dev
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,10 @@ format: $(STAMP) ## apply ruff fixes and formatting
 
 bench: $(STAMP) ## the benchmark: throughput and latency next to a floor measured in the same run
 	$(BIN)/python -m bench
+
+SOAK_SECONDS ?= 600
+soak: $(STAMP) ## memory soak: server RSS under a mixed load for SOAK_SECONDS (600) after warm-up
+	$(BIN)/python -m bench --soak $(SOAK_SECONDS)
 
 clean-dev: ## forget the dev data (private Postgres/Redis data, dev secrets)
 	rm -rf .devdata

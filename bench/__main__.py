@@ -2,183 +2,51 @@
 
 Starts private Postgres and Redis, the all-in-one server and the floor server (bench/floor.py)
 as separate processes, provisions an org through the real admin API, then drives each path
-with the closed-loop load generator (bench/load.py) in its own process. Targets (DESIGN.md
-section 7) are printed next to the figures; nothing here asserts, because shared machines
-are noisy: read the table.
+with the closed-loop load generator (bench/load.py) in its own process. Under each HTTP row,
+the CPU each process spent per request inside the measured window (bench/runner.py).
+Targets (DESIGN.md section 7) are printed next to the figures; nothing here asserts, because
+shared machines are noisy: read the table.
+
+``--soak SECONDS`` instead runs the memory soak (bench/soak.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import json
 import os
-import secrets
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import asyncpg
-
-from shared.db import with_database
+from bench.procstat import postmaster_pid, redis_pid
+from bench.provision import ORIGIN, provision
+from bench.runner import Window, run_load, settle
+from bench.stack import all_in_one_argv, free_port, prepare, process, wait_ready
+from shared.config import Settings
 from shared.devstack import dev_servers
 
-ROOT = Path(__file__).resolve().parent.parent
-ORIGIN = "https://bench.example"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-async def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited early; see {log}:\n{log.read_text()[-2000:]}")
-            try:
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise SystemExit(f"server not ready; see {log}")
-
-
-def load(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    path = workdir / f"spec-{secrets.token_hex(4)}.json"
-    path.write_text(json.dumps(spec))
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.load", str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
-
-
-class Client:
-    def __init__(self, session: aiohttp.ClientSession, base: str, admin: str) -> None:
-        self.session, self.base, self.admin = session, base, admin
-
-    async def call(self, method: str, path: str, body: Any, token: str, **headers: str) -> Any:
-        async with self.session.request(
-            method,
-            self.base + path,
-            json=body,
-            headers={"Authorization": f"Bearer {token}", **headers},
-        ) as resp:
-            data = await resp.json(content_type=None)
-            if resp.status >= 300:
-                raise SystemExit(f"{method} {path} -> {resp.status}: {data}")
-            return data
-
-
-async def provision(base: str, admin: str, users: int, anonymous: int) -> dict[str, Any]:
-    """An org, its API key and widget token, contact tokens, and returning visitors."""
-    async with aiohttp.ClientSession() as session:
-        c = Client(session, base, admin)
-        org = await c.call("POST", "/admin/v1/orgs", {"name": "bench"}, admin)
-        key = await c.call(
-            "POST",
-            f"/admin/v1/orgs/{org['id']}/api-keys",
-            {
-                "scopes": [
-                    "contacts:authenticate",
-                    "contacts:manage",
-                    "history:read",
-                    "history:write",
-                    "sessions:read",
-                ]
-            },
-            admin,
-        )
-        widget = await c.call(
-            "POST",
-            f"/admin/v1/orgs/{org['id']}/widget-tokens",
-            {"allowedOrigins": [ORIGIN], "settings": {}},
-            admin,
-        )
-        tokens = [
-            (
-                await c.call(
-                    "POST",
-                    "/widget/authenticate-user",
-                    {"userId": f"user-{i}", "email": f"user{i}@bench.example"},
-                    key["key"],
-                )
-            )["token"]
-            for i in range(users)
-        ]
-        verified = []
-        for token in tokens:
-            body = {"widgetToken": widget["token"], "user": {"token": token}}
-            reply = await c.call("POST", "/widget/sessions", body, "", Origin=ORIGIN)
-            verified.append(
-                {
-                    "widgetToken": widget["token"],
-                    "visitorToken": reply["visitorToken"],
-                    "user": {"token": token},
-                }
-            )
-        anon = []
-        for _ in range(anonymous):
-            reply = await c.call(
-                "POST", "/widget/sessions", {"widgetToken": widget["token"]}, "", Origin=ORIGIN
-            )
-            anon.append({"widgetToken": widget["token"], "visitorToken": reply["visitorToken"]})
-    return {
-        "org": org,
-        "key": key["key"],
-        "widget": widget["token"],
-        "verified": verified,
-        "anonymous": anon,
-    }
-
-
-def row(name: str, result: dict[str, Any]) -> str:
+def row(name: str, window: Window) -> list[str]:
+    result = window.result
     errors = sum(v for k, v in result["statuses"].items() if not str(k).startswith("2"))
-    return f"  {name:<34} {result['rps']:>9.0f} req/s   p50 {result['p50_ms']:>7.2f} ms   p99 {result['p99_ms']:>7.2f} ms   non-2xx {errors}"
+    us = window.per_request_us
+    return [
+        f"  {name:<34} {result['rps']:>9.0f} req/s   p50 {result['p50_ms']:>7.2f} ms   p99 {result['p99_ms']:>7.2f} ms   non-2xx {errors}",
+        f"      CPU per request: server {us('server'):>6,.0f} µs ({window.cores('server'):.2f} cores)"
+        f"   Postgres {us('postgres'):>5,.0f} µs   Redis {us('redis'):>4,.0f} µs"
+        f"   (load generator {us('load'):,.0f} µs)",
+    ]
 
 
 async def run_http(args: argparse.Namespace, env: dict[str, str], workdir: Path) -> list[str]:
     app_port, floor_port = free_port(), free_port()
     base, floor = f"http://127.0.0.1:{app_port}", f"http://127.0.0.1:{floor_port}"
+    stream = Settings.from_env(env).events_stream
     lines: list[str] = []
     with (
-        process(
-            [sys.executable, "-m", "services.cli", "serve", "all"],
-            {**env, "PORT": str(app_port)},
-            workdir / "server.log",
-        ) as app,
+        process(all_in_one_argv(), {**env, "PORT": str(app_port)}, workdir / "server.log") as app,
         process(
             [sys.executable, "-m", "bench.floor"],
             {**env, "PORT": str(floor_port)},
@@ -188,22 +56,32 @@ async def run_http(args: argparse.Namespace, env: dict[str, str], workdir: Path)
         await wait_ready(base + "/readyz", app, workdir / "server.log")
         await wait_ready(floor + "/healthz", floor_proc, workdir / "floor.log")
         data = await provision(base, env["ADMIN_TOKEN"], users=200, anonymous=200)
+        shared = {
+            "postgres": await postmaster_pid(env["DATABASE_URL"]),
+            "redis": await redis_pid(env["REDIS_URL"]),
+        }
 
         common = {"concurrency": args.concurrency, "duration": args.duration, "warmup": args.warmup}
+
+        async def measure(server: int, spec: dict[str, Any]) -> Window:
+            # The previous run's events must not be relayed and consumed in this window.
+            if not await settle(env["DATABASE_URL"], env["REDIS_URL"], stream):
+                lines.append("  (warning: events of the previous run still pending)")
+            return await run_load({**common, **spec}, workdir, {"server": server, **shared})
+
         auth_key = {"Authorization": f"Bearer {data['key']}"}
-        floor_auth = load(
+        floor_auth = await measure(
+            floor_proc.pid,
             {
-                **common,
                 "base_url": floor,
                 "requests": [
                     {"path": "/floor/authenticate", "body": {"id": f"user-{i}"}} for i in range(200)
                 ],
             },
-            workdir,
         )
-        auth = load(
+        auth = await measure(
+            app.pid,
             {
-                **common,
                 "base_url": base,
                 "requests": [
                     {
@@ -214,53 +92,44 @@ async def run_http(args: argparse.Namespace, env: dict[str, str], workdir: Path)
                     for i in range(200)
                 ],
             },
-            workdir,
         )
         mix = [b for pair in zip(data["anonymous"], data["verified"], strict=True) for b in pair]
-        floor_session = load(
+        floor_session = await measure(
+            floor_proc.pid,
             {
-                **common,
                 "base_url": floor,
                 "requests": [
                     {"path": "/floor/session", "body": {"id": f"v-{i}"}} for i in range(400)
                 ],
             },
-            workdir,
         )
-        sessions = load(
+        sessions = await measure(
+            app.pid,
             {
-                **common,
                 "base_url": base,
                 "requests": [
                     {"path": "/widget/sessions", "body": b, "headers": {"Origin": ORIGIN}}
                     for b in mix
                 ],
             },
-            workdir,
         )
 
-        lines.append(row("floor: authenticate", floor_auth))
-        lines.append(row("POST /widget/authenticate-user", auth))
+        lines += row("floor: authenticate", floor_auth)
+        lines += row("POST /widget/authenticate-user", auth)
         lines.append(
-            f"    -> throughput {auth['rps'] / floor_auth['rps']:.2f}x floor (target >= 0.80x)"
+            f"    -> throughput {auth.result['rps'] / floor_auth.result['rps']:.2f}x floor (target >= 0.80x)"
         )
-        lines.append(row("floor: session", floor_session))
-        lines.append(row("POST /widget/sessions (50% verified)", sessions))
+        lines += row("floor: session", floor_session)
+        lines += row("POST /widget/sessions (50% verified)", sessions)
         lines.append(
-            f"    -> throughput {sessions['rps'] / floor_session['rps']:.2f}x floor (target >= 1.00x); "
-            f"p99 {sessions['p99_ms'] / max(floor_session['p99_ms'], 1e-9):.2f}x floor (target <= 1.50x)"
+            f"    -> throughput {sessions.result['rps'] / floor_session.result['rps']:.2f}x floor (target >= 1.00x); "
+            f"p99 {sessions.result['p99_ms'] / max(floor_session.result['p99_ms'], 1e-9):.2f}x floor (target <= 1.50x)"
         )
+    lines.append(
+        "  (CPU: utime+stime from /proc of each process tree, sampled at the edges of the"
+        " measured window; the all-in-one server's includes its outbox relay and consumers)"
+    )
     return lines
-
-
-async def prepare_database(servers_url: str) -> str:
-    name = f"wi_bench_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(servers_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return with_database(servers_url, name)
 
 
 def main() -> None:
@@ -272,6 +141,21 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-merge", action="store_true")
+    parser.add_argument(
+        "--soak",
+        type=float,
+        metavar="SECONDS",
+        help="run only the memory soak for SECONDS (make soak: 600)",
+    )
+    parser.add_argument(
+        "--soak-warmup", type=float, default=60.0, help="soak warm-up seconds (default 60)"
+    )
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        default=os.environ.get("BENCH_TRACEMALLOC") == "1",
+        help="soak: run the server under tracemalloc and print what grew (slow; BENCH_TRACEMALLOC=1)",
+    )
     args = parser.parse_args()
 
     with (
@@ -279,28 +163,17 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="wi-bench-") as tmp,
     ):
         workdir = Path(tmp)
-        database_url = asyncio.run(prepare_database(servers.database_url))
-        env = {
-            **os.environ,
-            "DATABASE_URL": database_url,
-            "REDIS_URL": servers.redis_url,
-            "ADMIN_TOKEN": secrets.token_urlsafe(24),
-            "KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
-            "LOG_LEVEL": "WARNING",
-            "HOST": "127.0.0.1",
-            "DB_POOL_MAX": "10",
-            "RATE_AUTHENTICATE_PER_KEY": "100000000",
-            "RATE_SESSIONS_PER_IP": "100000000",
-            "RATE_SESSIONS_PER_WIDGET_TOKEN": "100000000",
-            "RATE_SESSIONS_PER_VISITOR": "100000000",
-        }
-        subprocess.run(
-            [sys.executable, "-m", "services.cli", "migrate"],
-            env=env,
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
+        env = prepare(servers)
+        if args.soak is not None:
+            from bench.soak import run_soak
+
+            print(
+                f"widget-identity soak — {os.cpu_count()} cores, concurrency {args.concurrency}, "
+                f"{args.soak:.0f} s after a {args.soak_warmup:.0f} s warm-up",
+                flush=True,
+            )
+            asyncio.run(run_soak(args, env, workdir))
+            return
         print(
             f"widget-identity bench — {os.cpu_count()} cores, concurrency {args.concurrency}, {args.duration:.0f} s per run"
         )
