@@ -119,7 +119,12 @@ class Settings:
             redis_max_connections=reader.get("REDIS_MAX_CONNECTIONS", int, 64, check=_positive),
             relay_enabled=reader.get("RELAY_ENABLED", _boolean, True),
             stream_retention_seconds=reader.get(
-                "STREAM_RETENTION_SECONDS", float, 3600.0, check=lambda v: v >= 0
+                # Not below a minute: the revocation listener XREADs the stream without a
+                # group, so only time protects what it has not read yet.
+                "STREAM_RETENTION_SECONDS",
+                float,
+                3600.0,
+                check=lambda v: v >= 60,
             ),
             consumer_max_deliveries=reader.get("CONSUMER_MAX_DELIVERIES", int, 5, check=_positive),
             consumer_claim_idle_ms=reader.get(

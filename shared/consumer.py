@@ -48,7 +48,7 @@ from shared.http import SETTINGS
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
 from shared.observability import EVENT_LAG, EVENTS_CONSUMED
 from shared.outbox import OUTBOX, Outbox
-from shared.redis import REDIS, TRANSIENT_REDIS_ERRORS, as_str, block_within_timeout
+from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS, as_str, block_within_timeout
 
 log = logging.getLogger(__name__)
 
@@ -531,7 +531,7 @@ def add_consumer(
         return StreamConsumer(
             app[SETTINGS],
             app[db.DB_POOL],
-            app[REDIS],
+            app[WORKER_REDIS],
             group=group,
             handlers=handlers(app[OUTBOX]),
         ).run

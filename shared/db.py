@@ -60,6 +60,11 @@ async def _no_session_state(conn: asyncpg.Connection) -> None:
     round trip on every release (UNLISTEN, advisory unlock, RESET ALL): ~5% of a request."""
 
 
+# Timestamps Postgres renders as text (events' late-bound fields, see shared.outbox) come out
+# in UTC whatever the server's or role's TimeZone, like everything msgspec writes.
+_SERVER_SETTINGS = {"timezone": "UTC"}
+
+
 async def create_pool(settings: Settings, *, min_size: int | None = None) -> asyncpg.Pool:
     try:
         pool = await asyncpg.create_pool(
@@ -69,6 +74,7 @@ async def create_pool(settings: Settings, *, min_size: int | None = None) -> asy
             command_timeout=settings.db_command_timeout,
             init=_init_connection,
             reset=_no_session_state,
+            server_settings=_SERVER_SETTINGS,
             # A dead server must not hang start-up or a request forever.
             timeout=10,
         )
@@ -83,7 +89,9 @@ async def create_pool(settings: Settings, *, min_size: int | None = None) -> asy
 async def connect(settings: Settings) -> asyncpg.Connection:
     """One dedicated connection (migrations, LISTEN, advisory-lock holders)."""
     try:
-        conn: asyncpg.Connection = await asyncpg.connect(settings.database_url, timeout=10)
+        conn: asyncpg.Connection = await asyncpg.connect(
+            settings.database_url, timeout=10, server_settings=_SERVER_SETTINGS
+        )
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise ConfigError(f"DATABASE_URL: cannot connect ({type(exc).__name__}: {exc})") from None
     except ValueError as exc:

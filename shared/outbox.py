@@ -28,7 +28,7 @@ from shared.events import EVENT_FIELD, Event
 from shared.http import SETTINGS
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
 from shared.observability import EVENTS_PUBLISHED, OUTBOX_BACKLOG, traceparent_var
-from shared.redis import REDIS, TRANSIENT_REDIS_ERRORS
+from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,9 @@ class Outbox:
         def placeholder(value: object) -> str:
             if not isinstance(value, Late):
                 raise TypeError(f"cannot encode {type(value).__name__} in an event")
-            # msgspec escapes NUL, and escapes every quote inside a string, so the quoted,
-            # nonce-bearing form below cannot occur anywhere else in the payload.
+            # Unforgeable by the data around it because of the per-call random nonce (user
+            # text could contain the quote-NUL form, but not guess the nonce); a collision
+            # would still be caught below (each placeholder must occur exactly once).
             text = f"\x00{nonce}:{len(slots)}"
             column = f"{seq_cte}.seq" if value is seq else f"{source}.{value.column}"
             slots[b'"\\u0000' + text[1:].encode() + b'"'] = column
@@ -167,7 +168,10 @@ class Outbox:
         n = first_param + len(params)
         for position, needle, expression in cuts:
             params.append(payload[at:position])
-            parts.append(f"${n}::bytea || convert_to(to_json({expression})::text, 'UTF8')")
+            # to_json(NULL) is NULL, and NULL would swallow the whole payload.
+            parts.append(
+                f"${n}::bytea || convert_to(COALESCE(to_json({expression})::text, 'null'), 'UTF8')"
+            )
             n += 1
             at = position + len(needle)
         params.append(payload[at:])
@@ -299,6 +303,6 @@ def add_relay(app: web.Application) -> None:
     """Run the outbox relay in this process (it only publishes while it holds the lock)."""
 
     def factory(app: web.Application) -> Worker:
-        return OutboxRelay(app[SETTINGS], app[REDIS]).run
+        return OutboxRelay(app[SETTINGS], app[WORKER_REDIS]).run
 
     add_worker(app, "outbox-relay", factory)

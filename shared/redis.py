@@ -17,7 +17,10 @@ from shared.errors import ConfigError
 
 Redis = aioredis.Redis
 
+# Two clients per process, because they differ in what may be repeated (see create_redis):
+# REDIS for request handlers, WORKER_REDIS for the relay, consumers and listeners.
 REDIS: web.AppKey[aioredis.Redis] = web.AppKey("redis", aioredis.Redis)
+WORKER_REDIS: web.AppKey[aioredis.Redis] = web.AppKey("worker_redis", aioredis.Redis)
 
 TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
@@ -28,10 +31,28 @@ TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def create_redis(settings: Settings, *, socket_timeout: float | None = None) -> aioredis.Redis:
+def create_redis(
+    settings: Settings, *, retry_once: bool = False, socket_timeout: float | None = None
+) -> aioredis.Redis:
     """A client whose every command times out; blocking reads keep their BLOCK within it
-    (``block_within_timeout``)."""
+    (``block_within_timeout``).
+
+    ``retry_once``: a command that fails with a connection error is sent once more on a fresh
+    connection. redis-py 8's pool no longer spots pooled connections the server closed over
+    TCP (a Redis restart; RESP3 "maintenance notifications", redis-py #4252), so without it
+    each such connection cost a request a 503 after Redis was back. Only for clients whose
+    commands are safe to repeat when the first attempt ran but its reply was lost: the request
+    path's are (cache GET/SET, a rate-limit count one too high during a fault, idempotent
+    invalidation messages). The workers' are not: a repeated XREADGROUP ">" would skip the
+    entries the lost reply held and break per-subject order, a repeated XAUTOCLAIM would
+    count a delivery twice. Timeouts are never retried: a slow Redis costs one timeout.
+    """
     timeout = socket_timeout or settings.redis_socket_timeout
+    retry = (
+        Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        if retry_once
+        else Retry(NoBackoff(), 0)
+    )
     try:
         # A blocking pool: at max_connections a burst waits (at most one socket timeout) for
         # a free connection instead of failing at once with MaxConnectionsError, which turned
@@ -44,12 +65,7 @@ def create_redis(settings: Settings, *, socket_timeout: float | None = None) -> 
             max_connections=settings.redis_max_connections,
             health_check_interval=15,
             decode_responses=False,
-            # A pooled connection the server closed (a Redis restart) fails its next command
-            # once; retry that once on a fresh connection. redis-py 8's pool no longer spots
-            # such connections over TCP (RESP3 "maintenance notifications", redis-py #4252),
-            # so each one cost a request a 503 after Redis was back. Timeouts are not retried:
-            # a slow Redis costs one socket timeout, not two.
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+            retry=retry,
         )
     except ValueError as exc:
         raise ConfigError(f"REDIS_URL: malformed ({exc})") from None
@@ -72,11 +88,13 @@ async def check_reachable(client: aioredis.Redis) -> None:
 
 def redis_context(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        client = create_redis(settings)
+        client = create_redis(settings, retry_once=True)
         await check_reachable(client)
         app[REDIS] = client
+        app[WORKER_REDIS] = create_redis(settings)
         yield
         await client.aclose()
+        await app[WORKER_REDIS].aclose()
 
     return ctx
 

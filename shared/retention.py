@@ -23,7 +23,7 @@ from shared.config import Settings
 from shared.http import SETTINGS
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
 from shared.observability import STREAM_ENTRIES, STREAM_TRIMMED
-from shared.redis import REDIS, TRANSIENT_REDIS_ERRORS
+from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS, as_str
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,26 @@ async def trim_bound(redis: aioredis.Redis, stream: str, *, retention_ms: int) -
             return (0, 0)  # no stream yet: nothing to trim
         raise
     for group in groups:
+        # Everything up to last-delivered was delivered; keeping that one entry too costs
+        # nothing and needs no id arithmetic. Entries delivered after this snapshot have
+        # higher ids, so the bound only errs on the side of keeping.
+        keep = parse_id(group["last-delivered-id"])
         if int(group["pending"]) > 0:
-            [oldest] = await redis.xpending_range(stream, group["name"], "-", "+", 1)
-            keep = parse_id(cast(bytes, oldest["message_id"]))
-        else:
-            # Everything up to last-delivered was acknowledged; keeping that one entry too
-            # costs nothing and needs no id arithmetic.
-            keep = parse_id(group["last-delivered-id"])
+            try:
+                oldest = await redis.xpending_range(stream, group["name"], "-", "+", 1)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    continue  # deleted since the snapshot: it needs nothing
+                raise
+            # Empty when the group acknowledged everything since the snapshot.
+            if oldest:
+                keep = min(keep, parse_id(cast(bytes, oldest[0]["message_id"])))
+        if keep == (0, 0):
+            # A group that never read holds the whole stream; say who, or nobody will know.
+            log.info(
+                "stream not trimmed: a group has read nothing",
+                extra={"group": as_str(group["name"])},
+            )
         bound = min(bound, keep)
     return bound
 
@@ -93,6 +106,6 @@ class StreamRetention:
 
 def add_stream_retention(app: web.Application) -> None:
     def factory(app: web.Application) -> Worker:
-        return StreamRetention(app[SETTINGS], app[REDIS]).run
+        return StreamRetention(app[SETTINGS], app[WORKER_REDIS]).run
 
     add_worker(app, "stream-retention", factory)

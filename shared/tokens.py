@@ -38,7 +38,7 @@ from shared.db import DB_POOL, TRANSIENT_DB_ERRORS
 from shared.errors import Problem
 from shared.http import SETTINGS
 from shared.lifecycle import add_worker
-from shared.redis import REDIS
+from shared.redis import WORKER_REDIS
 from shared.revocation import RevocationCache, RevocationListener
 
 log = logging.getLogger(__name__)
@@ -381,7 +381,7 @@ def install_verifier(app: web.Application) -> None:
         lambda app: (
             RevocationListener(
                 settings,
-                app[REDIS],
+                app[WORKER_REDIS],
                 verifier.revocations,
                 on_key_deleted=verifier.key_deleted,
                 on_key_added=verifier.key_added,

@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from shared.config import Settings
 from shared.consumer import Batched, StreamConsumer, dead_letters, replay_dead_letters
+from shared.db import create_pool
 from shared.events import (
     EVENT_FIELD,
     ContactAuthenticated,
@@ -143,6 +144,10 @@ async def test_an_event_written_by_its_change_s_own_statement_carries_what_the_s
     # One statement, no BEGIN/COMMIT: the row and its event commit together or not at all.
     outbox = Outbox(settings.events_stream)
     await pool.execute("CREATE TABLE things (id uuid PRIMARY KEY, name text NOT NULL)")
+    # Timestamps come out in UTC even where the database's own default zone is not UTC.
+    database = await pool.fetchval("SELECT current_database()")
+    await pool.execute(f"ALTER DATABASE \"{database}\" SET timezone TO 'Asia/Kathmandu'")
+    pool = await create_pool(settings)
 
     def insert(name: str, *, existing: bool = False) -> tuple[str, list[Any]]:
         event = outbox.insert(
@@ -154,6 +159,7 @@ async def test_an_event_written_by_its_change_s_own_statement_carries_what_the_s
                 jti=name,  # a plain value beside the computed ones
                 expires_at=late("at"),
                 created=late("fresh"),
+                external_id=late("nothing"),  # NULL in SQL: null in JSON, not a lost event
                 # Looks like a placeholder; must stay a plain string.
                 email="\x00" + name + ":0",
             ),
@@ -164,7 +170,7 @@ async def test_an_event_written_by_its_change_s_own_statement_carries_what_the_s
                                     WHERE NOT $2 RETURNING id),
                            made AS (SELECT id::text AS subject, id AS thing_id,
                                            timestamptz '2030-01-02 03:04:05+00' AS at,
-                                           true AS fresh FROM t),
+                                           true AS fresh, NULL::text AS nothing FROM t),
                            {event.ctes}
                       SELECT thing_id FROM made"""
         return statement, [name, existing, *event.params]
@@ -177,8 +183,8 @@ async def test_an_event_written_by_its_change_s_own_statement_carries_what_the_s
     statement, params = insert("x" * 10)
     with pytest.raises(asyncpg.CheckViolationError):  # the change fails: no event either
         await pool.fetchval(statement, *params)
-
     [payload] = await pool.fetchval("SELECT array_agg(payload) FROM outbox")
+    await pool.close()
     event = event_decoder.decode(payload)
     assert isinstance(event, ContactAuthenticated)
     assert event.subject == event.data.contact_id == str(thing_id)
@@ -187,6 +193,8 @@ async def test_an_event_written_by_its_change_s_own_statement_carries_what_the_s
     assert event.data.created is True
     assert event.data.jti == "first"
     assert event.data.email == "\x00first:0"
+    assert event.data.external_id is None
+    assert b'"expiresAt":"2030-01-02T03:04:05+00:00"' in payload
 
 
 async def test_sequence_numbers_are_per_subject_and_gapless(

@@ -4,7 +4,9 @@ needs (RELIABILITY 21), against a real Redis."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from services import all_in_one
@@ -114,3 +116,26 @@ async def test_every_relay_process_trims_what_its_consumers_acknowledged(
             return done and await redis.xlen(settings.events_stream) == 1
 
         await eventually(trimmed_to_the_last_acknowledged)
+
+
+async def test_a_group_acknowledging_or_vanishing_mid_trim_does_not_stop_the_trim(
+    settings: Settings, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real race, made deterministic: between XINFO GROUPS and XPENDING the consumer acks
+    # everything it held (group "a") and another group is deleted (group "b").
+    stream = settings.events_stream
+    ids = await fill(redis, stream, 3)
+    for group in ("a", "b"):
+        await redis.xgroup_create(stream, group, id="0")
+        await read(redis, stream, group, 3)
+    snapshot = redis.xinfo_groups
+
+    async def then_the_consumers_move(name: str) -> Any:
+        groups = await snapshot(name)
+        await redis.xack(stream, "a", *ids)
+        await redis.xgroup_destroy(stream, "b")
+        return groups
+
+    monkeypatch.setattr(redis, "xinfo_groups", then_the_consumers_move)
+    await asyncio.sleep(0.01)
+    assert await trim_stream(redis, stream, retention_ms=0) == 2  # all but the last delivered
