@@ -35,7 +35,9 @@ from shared.events import (
     event_decoder,
 )
 from shared.outbox import Outbox, OutboxRelay, late
+from shared.redis import create_redis
 from tests.support.bus_worker import GROUP, effect_handler
+from tests.support.proxy import fault_proxy
 from tests.support.server import eventually
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -291,6 +293,30 @@ async def publish_all(
             return await redis.xlen(settings.events_stream) >= n
 
         await eventually(published, timeout=60)
+
+
+async def test_a_lost_read_reply_never_lets_a_subject_s_later_event_overtake(
+    settings: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    # XREADGROUP ">" ran (the entry is now pending for us) but the reply was lost. Sending it
+    # again would hand over the *next* entry and leave the first for the reclaim, 30 s later.
+    await emit_visitor_events(effects, settings, ["s", "s"])
+    await publish_all(settings, effects, redis, 2)
+    async with fault_proxy(settings.redis_url) as (proxy, url):
+        through = settings.with_overrides(redis_url=url)
+        client = create_redis(through)  # the workers' client
+        worker = consumer(through, effects, client, effect_handler(0), consumer_batch=1)
+        await worker.ensure_group()
+        proxy.lose_reply_to(b"XREADGROUP", b"\r\n>\r\n")
+        async with background(worker.run):
+
+            async def both_applied() -> bool:
+                return await effects.fetchval("SELECT count(*) FROM bus_effects") == 2
+
+            await eventually(both_applied, timeout=10)
+        await client.aclose()
+    rows = await effects.fetch("SELECT seq FROM bus_effects ORDER BY applied_at")
+    assert [r["seq"] for r in rows] == [1, 2]
 
 
 async def test_a_redelivered_event_is_applied_once(

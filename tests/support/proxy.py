@@ -68,6 +68,9 @@ class FaultProxy:
         # side of every accepted connection, linked up or still connecting upstream.
         self._pumps: set[asyncio.Task[None]] = set()
         self._clients: list[asyncio.StreamWriter] = []
+        # lose_reply_to: the request that arms it, and whether its reply is to be lost.
+        self._lose_after: tuple[bytes, ...] = ()
+        self._losing = False
 
     @property
     def port(self) -> int:
@@ -86,6 +89,11 @@ class FaultProxy:
     def latency(self, seconds: float) -> None:
         """Delay each chunk the upstream sends back by ``seconds`` (0 turns it off)."""
         self._delay = seconds
+
+    def lose_reply_to(self, *needles: bytes) -> None:
+        """The next request whose bytes contain every needle reaches the server and runs, but
+        its connection dies before the reply comes back (the ambiguous failure: did it run?)."""
+        self._lose_after = needles
 
     async def cut(self) -> None:
         """Stop listening (new connections are refused) and drop every open connection."""
@@ -147,6 +155,8 @@ class FaultProxy:
     ) -> None:
         if not delayed:
             while chunk := await source.read(_CHUNK):
+                if self._lose_after and all(n in chunk for n in self._lose_after):
+                    self._lose_after, self._losing = (), True
                 sink.write(chunk)
                 await sink.drain()
             return
@@ -169,6 +179,9 @@ class FaultProxy:
         try:
             while True:
                 chunk = await source.read(_CHUNK)
+                if self._losing and chunk:
+                    self._losing = False
+                    return  # ends the link: both sides are aborted
                 queue.put_nowait((time.monotonic() + self._delay, chunk))
                 if not chunk:
                     break
