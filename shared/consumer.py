@@ -157,6 +157,9 @@ class StreamConsumer:
         self._claim_cursor = b"0-0"
         self._next_claim = 0.0
         self._unacked: list[bytes] = []
+        # Subjects whose event failed and waits, pending, for its retry: subject -> (that
+        # message's id, when it failed). Later events of the subject wait behind it.
+        self._held: dict[str, tuple[bytes, float]] = {}
         # XREADGROUP BLOCK shares the client's socket timeout: keep it inside.
         self._block_ms = block_within_timeout(settings, settings.consumer_block_ms)
 
@@ -253,6 +256,7 @@ class StreamConsumer:
         by_subject: dict[str, list[_Message]] = {}
         for message in messages:
             by_subject.setdefault(message.subject, []).append(message)
+        self._hold_back(by_subject)
         if self._batch_handlers:
             done = await self._handle_in_rounds([_Lane(m) for m in by_subject.values()])
         else:
@@ -265,6 +269,33 @@ class StreamConsumer:
         self._unacked.extend(done)
         return len(messages)
 
+    def _hold_back(self, by_subject: dict[str, list[_Message]]) -> None:
+        """Leave pending the new messages of a subject whose earlier message failed and waits
+        for its retry, unless that message is in this batch (then all run in order): applied
+        now, they would overtake it. The reclaim brings them back in stream order, after it.
+        A hold outlives a few reclaim periods only if another consumer took the failed
+        message over; it is dropped then, so the subject never stalls here."""
+        if not self._held:
+            return
+        now = time.monotonic()
+        expiry = 3 * self.settings.consumer_claim_idle_ms / 1000
+        for subject in [s for s in by_subject if s in self._held]:
+            held_id, since = self._held[subject]
+            if any(m.id == held_id for m in by_subject[subject]):
+                continue
+            if now - since > expiry:
+                del self._held[subject]
+                continue
+            del by_subject[subject]
+
+    def _note_outcome(self, message: _Message, outcome: str) -> None:
+        if outcome == "retry":
+            held = self._held.get(message.subject)
+            if held is None or held[0] != message.id:
+                self._held[message.subject] = (message.id, time.monotonic())
+        elif message.subject in self._held and self._held[message.subject][0] == message.id:
+            del self._held[message.subject]  # applied or dead-lettered: the rest may follow
+
     async def _flush_acks(self) -> None:
         if self._unacked:
             await self.redis.xack(self.stream, self.group, *self._unacked)
@@ -274,6 +305,7 @@ class StreamConsumer:
         done: list[bytes] = []
         for message in messages:
             outcome = await self._handle_one(message)
+            self._note_outcome(message, outcome)
             if outcome == "retry":
                 # Later messages of this subject must wait for this one: leave them pending
                 # too, to be reclaimed in order.
@@ -291,6 +323,7 @@ class StreamConsumer:
             outcomes = await self._handle_round(heads)
             still: list[_Lane] = []
             for lane, head, outcome in zip(lanes, heads, outcomes, strict=True):
+                self._note_outcome(head, outcome)
                 if outcome == "retry":
                     continue  # the rest of this subject waits, pending, for the reclaim
                 if outcome == "ack":

@@ -319,6 +319,37 @@ async def test_a_lost_read_reply_never_lets_a_subject_s_later_event_overtake(
     assert [r["seq"] for r in rows] == [1, 2]
 
 
+async def test_a_later_event_waits_behind_an_earlier_one_that_failed_and_awaits_its_retry(
+    settings: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    # seq 1 fails once and waits, pending, for its retry; seq 2 arrives by a new read
+    # meanwhile. Applied at once it would overtake seq 1.
+    failed_once = asyncio.Event()
+    record = effect_handler(0)
+
+    async def handler(event: VisitorCreated, conn: asyncpg.Connection) -> None:
+        if event.seq == 1 and not failed_once.is_set():
+            failed_once.set()
+            raise RuntimeError("a bug that the retry does not hit")
+        await record(event, conn)
+
+    await emit_visitor_events(effects, settings, ["s"])
+    await publish_all(settings, effects, redis, 1)
+    worker = consumer(settings, effects, redis, handler, consumer_claim_idle_ms=300)
+    async with background(worker.run):
+        await asyncio.wait_for(failed_once.wait(), timeout=10)
+        await emit_visitor_events(effects, settings, ["s"])
+        await publish_all(settings, effects, redis, 2)
+
+        async def both_applied() -> bool:
+            return await effects.fetchval("SELECT count(*) FROM bus_effects") == 2
+
+        await eventually(both_applied, timeout=10)
+    rows = await effects.fetch("SELECT seq FROM bus_effects ORDER BY applied_at")
+    assert [r["seq"] for r in rows] == [1, 2]
+    assert not await redis.xpending_range(settings.events_stream, GROUP, "-", "+", 10)
+
+
 async def test_a_redelivered_event_is_applied_once(
     settings: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
 ) -> None:
