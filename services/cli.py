@@ -23,7 +23,7 @@ from services.history import app as history
 from services.session_resolution import app as session_resolution
 from services.token_issuance import app as token_issuance
 from services.token_issuance import cli as token_issuance_cli
-from shared import consumer, db, migrate
+from shared import db, dead_letters, migrate
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.lifecycle import serve
@@ -157,7 +157,7 @@ def _cmd_dlq_list(args: argparse.Namespace) -> None:
     async def go() -> list[dict[str, str]]:
         client = create_redis(settings)
         try:
-            return await consumer.dead_letters(client, settings, args.group, count=args.count)
+            return await dead_letters.dead_letters(client, settings, args.group, count=args.count)
         finally:
             await client.aclose()
 
@@ -170,7 +170,7 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> None:
     async def go() -> int:
         client = create_redis(settings)
         try:
-            return await consumer.replay_dead_letters(
+            return await dead_letters.replay_dead_letters(
                 client, settings, args.group, count=args.count
             )
         finally:

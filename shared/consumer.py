@@ -120,7 +120,8 @@ class _Lane:
 _Entry = tuple[bytes, dict[bytes, bytes] | None]
 
 
-def _entries(reply: Any) -> list[_Entry]:
+def stream_entries(reply: Any) -> list[_Entry]:
+    """redis-py's XRANGE/XREADGROUP entries, typed."""
     return cast(list[_Entry], reply or [])
 
 
@@ -245,7 +246,7 @@ class StreamConsumer:
         self._unacked = []
         messages: list[_Message] = []
         for _stream, entries in cast(list[tuple[bytes, Any]], reply or []):
-            for mid, fields in _entries(entries):
+            for mid, fields in stream_entries(entries):
                 messages.append(_Message.parse(mid, fields))
         return messages
 
@@ -510,45 +511,6 @@ class StreamConsumer:
         await pipe.execute()
         EVENTS_CONSUMED.labels(self.group, "dead_lettered").inc()
         return "dead"
-
-
-async def dead_letters(
-    redis: aioredis.Redis, settings: Settings, group: str, *, count: int = 100
-) -> list[dict[str, str]]:
-    entries = _entries(await redis.xrange(settings.dead_letter_stream(group), count=count))
-    return [
-        {"id": as_str(mid), **{as_str(k): as_str(v) for k, v in (fields or {}).items()}}
-        for mid, fields in entries
-    ]
-
-
-async def replay_dead_letters(
-    redis: aioredis.Redis, settings: Settings, group: str, *, count: int | None = None
-) -> int:
-    """Put dead letters back on the events stream (same event ids, so consumers that already
-    applied them skip them) and remove them from the dead-letter stream, one atomically."""
-    stream = settings.dead_letter_stream(group)
-    replayed = 0
-    started = time.monotonic()
-    while count is None or replayed < count:
-        batch = _entries(
-            await redis.xrange(stream, count=min(100, (count or 100) - replayed) or 100)
-        )
-        if not batch:
-            break
-        for mid, fields in batch:
-            pipe = redis.pipeline(transaction=True)
-            pipe.xadd(settings.events_stream, {EVENT_FIELD: (fields or {}).get(EVENT_FIELD, b"")})
-            pipe.xdel(stream, mid)
-            await pipe.execute()
-            replayed += 1
-            if count is not None and replayed >= count:
-                break
-    log.info(
-        "replayed dead letters",
-        extra={"group": group, "count": replayed, "seconds": time.monotonic() - started},
-    )
-    return replayed
 
 
 def add_consumer(

@@ -24,8 +24,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.config import Settings
-from shared.consumer import Batched, StreamConsumer, dead_letters, replay_dead_letters
+from shared.consumer import Batched, StreamConsumer
 from shared.db import create_pool
+from shared.dead_letters import dead_letters, replay_dead_letters
 from shared.events import (
     EVENT_FIELD,
     ContactAuthenticated,

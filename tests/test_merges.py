@@ -18,8 +18,8 @@ from services import all_in_one
 from services.history.handlers import GROUP
 from services.history.merges import apply_requested_merge
 from shared.config import Settings
-from shared.consumer import dead_letters, replay_dead_letters
 from shared.db import create_pool
+from shared.dead_letters import dead_letters, replay_dead_letters
 from shared.outbox import Outbox
 from tests.support.history_fixtures import (
     Org,

@@ -1,0 +1,59 @@
+"""Operator tools for the dead-letter streams (``widget-identity dlq list|replay``).
+
+A consumer parks a message it gave up on (after CONSUMER_MAX_DELIVERIES) in
+``<prefix>events:dlq:<group>``, atomically with its ack (see shared.consumer); these list
+and replay them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis.asyncio as aioredis
+
+from shared.config import Settings
+from shared.consumer import stream_entries
+from shared.events import EVENT_FIELD
+from shared.redis import as_str
+
+log = logging.getLogger(__name__)
+
+
+async def dead_letters(
+    redis: aioredis.Redis, settings: Settings, group: str, *, count: int = 100
+) -> list[dict[str, str]]:
+    entries = stream_entries(await redis.xrange(settings.dead_letter_stream(group), count=count))
+    return [
+        {"id": as_str(mid), **{as_str(k): as_str(v) for k, v in (fields or {}).items()}}
+        for mid, fields in entries
+    ]
+
+
+async def replay_dead_letters(
+    redis: aioredis.Redis, settings: Settings, group: str, *, count: int | None = None
+) -> int:
+    """Put dead letters back on the events stream (same event ids, so consumers that already
+    applied them skip them) and remove them from the dead-letter stream, one atomically."""
+    stream = settings.dead_letter_stream(group)
+    replayed = 0
+    started = time.monotonic()
+    while count is None or replayed < count:
+        batch = stream_entries(
+            await redis.xrange(stream, count=min(100, (count or 100) - replayed) or 100)
+        )
+        if not batch:
+            break
+        for mid, fields in batch:
+            pipe = redis.pipeline(transaction=True)
+            pipe.xadd(settings.events_stream, {EVENT_FIELD: (fields or {}).get(EVENT_FIELD, b"")})
+            pipe.xdel(stream, mid)
+            await pipe.execute()
+            replayed += 1
+            if count is not None and replayed >= count:
+                break
+    log.info(
+        "replayed dead letters",
+        extra={"group": group, "count": replayed, "seconds": time.monotonic() - started},
+    )
+    return replayed
