@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import hashlib
 import json
-import os
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -20,6 +15,7 @@ from aiohttp import web
 from services.token_issuance.app import create_app
 from shared.config import Settings
 from tests.conftest import ADMIN_TOKEN
+from tests.support.cli import cli
 from tests.support.server import Api, Reply, running
 from tests.support.tokens import provision_org
 
@@ -298,29 +294,6 @@ async def test_unknown_and_malformed_org_ids_are_404(env: Env) -> None:
         reply = await env.admin(method, path, body)
         assert reply.status == 404, (method, path, reply.body)
         assert reply.json["code"] == "not_found"
-
-
-async def cli(settings: Settings, *args: str) -> tuple[int, Any, str]:
-    assert settings.key_encryption_key is not None
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(settings.key_encryption_key).decode(),
-        "STREAM_PREFIX": settings.stream_prefix,
-        "LOG_JSON": "false",
-    }
-    process = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "widget-identity"),
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    parsed = json.loads(out) if out.strip() else None
-    assert process.returncode is not None
-    return process.returncode, parsed, err.decode()
 
 
 async def test_the_cli_does_the_same_operations_and_prints_json(env: Env) -> None:

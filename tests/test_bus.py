@@ -38,6 +38,7 @@ from shared.events import (
 from shared.outbox import Outbox, OutboxRelay, late
 from shared.redis import create_redis
 from tests.support.bus_worker import GROUP, effect_handler
+from tests.support.cli import cli
 from tests.support.proxy import fault_proxy
 from tests.support.server import eventually
 
@@ -671,3 +672,18 @@ async def test_consumer_killed_mid_batch_applies_every_event_exactly_once(
         await effects.fetchval("SELECT count(*) FROM processed_events WHERE consumer = $1", GROUP)
         == total
     )
+
+
+async def test_the_cli_lists_and_replays_dead_letters(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    dead = settings.dead_letter_stream("crm")
+    await redis.xadd(dead, {EVENT_FIELD: b'{"id":"e1"}', b"originalId": b"1-0", b"error": b"boom"})
+    code, listed, err = await cli(settings, "dlq", "list", "--group", "crm")
+    assert code == 0, err
+    assert [(e["originalId"], e["error"]) for e in listed] == [("1-0", "boom")]
+    code, replayed, err = await cli(settings, "dlq", "replay", "--group", "crm")
+    assert (code, replayed) == (0, {"group": "crm", "replayed": 1}), err
+    assert await redis.xlen(dead) == 0
+    [(_id, fields)] = await redis.xrange(settings.events_stream)
+    assert fields[EVENT_FIELD] == b'{"id":"e1"}'
