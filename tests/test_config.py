@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import inspect
+import re
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +22,19 @@ def test_defaults_are_what_the_readme_says() -> None:
     assert settings.dead_letter_stream("history") == "wi:events:dlq:history"
     assert settings.admin_token is None  # the admin API stays closed until a token is set
     assert settings.shutdown_timeout == 25.0
+
+
+def test_every_variable_the_service_reads_is_in_the_readme_table() -> None:
+    source = inspect.getsource(Settings.from_env)
+    read = set(re.findall(r'reader\.\w+\(\s*(?:#[^\n]*\n\s*)*"([A-Z][A-Z0-9_]+)"', source))
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("### Configuration (environment)") :]
+    table = table[: table.index("\n\n", table.index("|---|"))]
+    first_cells = re.findall(r"(?m)^\| ([^|]+) \|", table)
+    documented = {n for cell in first_cells for n in re.findall(r"`([A-Z][A-Z0-9_]+)`", cell)}
+    assert len(read) > 20  # the pattern still finds what from_env reads
+    assert read - documented == set(), "read but not in README's configuration table"
+    assert documented - read == set(), "in README's configuration table but never read"
 
 
 def test_values_are_parsed_and_typed() -> None:
