@@ -3,9 +3,6 @@ message's sender counts as verified, and the opaque page cursor."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,10 +23,10 @@ from services.history.schemas import (
     Scope,
 )
 from shared.errors import Problem, not_found, validation_failed
+from shared.pagination import decode_cursor, encode_cursor, parse_limit
 
 MESSAGES_PER_CONVERSATION = 100
-MAX_CURSOR_LENGTH = 200
-_LIMIT = re.compile(r"[0-9]{1,3}")
+MAX_PAGE = 100
 
 
 def session_ended() -> Problem:
@@ -187,33 +184,13 @@ async def add_message(
 
 # --- Reading ---------------------------------------------------------------------------------
 
-_cursor_decoder = msgspec.json.Decoder(tuple[datetime, uuid.UUID])
-
-
-def encode_cursor(created_at: datetime, conversation_id: uuid.UUID) -> str:
-    raw = msgspec.json.encode((created_at, conversation_id))
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    if len(cursor) > MAX_CURSOR_LENGTH:
-        raise validation_failed("cursor is not valid")
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, conversation_id = _cursor_decoder.decode(raw)
-    except (binascii.Error, ValueError, msgspec.MsgspecError):
-        raise validation_failed("cursor is not valid") from None
-    if created_at.tzinfo is None:
-        raise validation_failed("cursor is not valid")
-    return created_at, conversation_id
-
 
 def page_params(query: Mapping[str, str]) -> tuple[int, tuple[datetime, uuid.UUID] | None]:
-    raw_limit = query.get("limit", "20")
-    if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= 100:
-        raise validation_failed("limit must be an integer from 1 to 100")
     cursor = query.get("cursor")
-    return int(raw_limit), decode_cursor(cursor) if cursor else None
+    return (
+        parse_limit(query.get("limit"), maximum=MAX_PAGE),
+        decode_cursor(cursor) if cursor else None,
+    )
 
 
 async def build_page(db: queries.Db, rows: list[asyncpg.Record], limit: int) -> HistoryPage:

@@ -10,12 +10,9 @@ Internal (API key) endpoints:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
@@ -64,6 +61,7 @@ from shared.errors import Problem, not_found, validation_failed
 from shared.http import SETTINGS, bearer_token, decode_body, json_response, parse_uuid
 from shared.openapi import Content, Query, operation
 from shared.outbox import OUTBOX
+from shared.pagination import MAX_CURSOR_LENGTH, decode_cursor, encode_cursor, parse_limit
 from shared.policy import POLICIES, OrgPolicy
 from shared.ratelimit import Limit
 from shared.tokens import CONTACT_TOKENS
@@ -311,35 +309,6 @@ async def _session_for(request: web.Request) -> tuple[str, Located]:
     return session_id, located
 
 
-def _parse_cursor(raw: str | None) -> tuple[datetime, str] | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
-        at, _, conversation_id = text.partition("|")
-        created_at = datetime.fromisoformat(at)
-        if created_at.tzinfo is None:
-            raise ValueError("a cursor's instant carries its offset")
-        # An offset that pushes the instant past year 1..9999 in UTC cannot be a query
-        # argument (it was a 500 from the driver).
-        return created_at.astimezone(UTC), parse_uuid(conversation_id, "cursor")
-    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError, Problem):
-        raise validation_failed("cursor: not a cursor this endpoint returned") from None
-
-
-def _make_cursor(at: datetime, conversation_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{at.isoformat()}|{conversation_id}".encode()).decode()
-
-
-def _parse_limit(raw: str | None, maximum: int) -> int:
-    if raw is None:
-        return min(20, maximum)
-    # ASCII only: str.isdigit() also accepts digits such as "²" that int() refuses (a 500).
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
-        raise validation_failed(f"limit: an integer from 1 to {maximum}")
-    return int(raw)
-
-
 @operation(
     summary="The conversations this session's scope may see",
     description=(
@@ -352,7 +321,7 @@ def _parse_limit(raw: str | None, maximum: int) -> int:
         Query("limit", Annotated[int, Meta(ge=1, le=50)], "Page size (default 20)."),
         Query(
             "cursor",
-            Annotated[str, Meta(max_length=200)],
+            Annotated[str, Meta(max_length=MAX_CURSOR_LENGTH)],
             "`nextCursor` from the previous page.",
         ),
     ],
@@ -370,8 +339,12 @@ async def session_history(request: web.Request) -> web.Response:
     deps = _deps(request)
     await check_session(deps, located, session_id)
     record = located.record
-    limit = _parse_limit(request.query.get("limit"), deps.config.history_page_max)
-    before = _parse_cursor(request.query.get("cursor"))
+    limit = parse_limit(request.query.get("limit"), maximum=deps.config.history_page_max)
+    cursor = request.query.get("cursor")
+    before = None
+    if cursor:
+        at, conversation_id = decode_cursor(cursor)
+        before = (at, str(conversation_id))
     conversations = await queries.scope_conversations(
         deps.pool,
         org_id=record.org_id,
@@ -402,7 +375,7 @@ async def session_history(request: web.Request) -> web.Response:
             WidgetConversationOut(id=c.id, created_at=c.created_at, messages=by_conversation[c.id])
             for c in page
         ],
-        next_cursor=_make_cursor(page[-1].created_at, page[-1].id) if more else None,
+        next_cursor=encode_cursor(page[-1].created_at, page[-1].id) if more else None,
     )
     return json_response(out, headers=_NO_STORE)
 

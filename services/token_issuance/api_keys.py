@@ -31,8 +31,7 @@ def check_scopes(scopes: list[str]) -> list[str]:
 def check_expiry(expires_at: datetime | None) -> datetime | None:
     if expires_at is None:
         return None
-    if expires_at.tzinfo is None:
-        raise validation_failed("expiresAt must carry a time zone (e.g. 2030-01-01T00:00:00Z)")
+    # A naive time never gets here: the request type is a Timestamp (decoding refuses it).
     try:
         # In UTC it must still be a storable instant: an extreme offset on 9999-12-31 is not
         # (it was a 500 from the driver).
