@@ -297,6 +297,26 @@ async def publish_all(
         await eventually(published, timeout=60)
 
 
+async def until_applied(effects: asyncpg.Pool, count: int, *, timeout: float = 10) -> None:
+    async def done() -> bool:
+        return await effects.fetchval("SELECT count(*) FROM bus_effects") == count
+
+    await eventually(done, timeout=timeout)
+
+
+async def applied_order(effects: asyncpg.Pool) -> list[tuple[str, int]]:
+    """(subject, seq) of every applied event, in the order the handler applied them."""
+    rows = await effects.fetch("SELECT subject, seq FROM bus_effects ORDER BY applied_at")
+    return [(r["subject"], r["seq"]) for r in rows]
+
+
+def assert_each_subject_in_sequence(order: list[tuple[str, int]]) -> None:
+    last: dict[str, int] = {}
+    for subject, seq in order:
+        assert seq == last.get(subject, 0) + 1, (subject, seq)
+        last[subject] = seq
+
+
 async def test_a_lost_read_reply_never_lets_a_subject_s_later_event_overtake(
     settings: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
 ) -> None:
@@ -311,14 +331,9 @@ async def test_a_lost_read_reply_never_lets_a_subject_s_later_event_overtake(
         await worker.ensure_group()
         proxy.lose_reply_to(b"XREADGROUP", b"\r\n>\r\n")
         async with background(worker.run):
-
-            async def both_applied() -> bool:
-                return await effects.fetchval("SELECT count(*) FROM bus_effects") == 2
-
-            await eventually(both_applied, timeout=10)
+            await until_applied(effects, 2)
         await client.aclose()
-    rows = await effects.fetch("SELECT seq FROM bus_effects ORDER BY applied_at")
-    assert [r["seq"] for r in rows] == [1, 2]
+    assert await applied_order(effects) == [("s", 1), ("s", 2)]
 
 
 async def test_a_later_event_waits_behind_an_earlier_one_that_failed_and_awaits_its_retry(
@@ -342,13 +357,8 @@ async def test_a_later_event_waits_behind_an_earlier_one_that_failed_and_awaits_
         await asyncio.wait_for(failed_once.wait(), timeout=10)
         await emit_visitor_events(effects, settings, ["s"])
         await publish_all(settings, effects, redis, 2)
-
-        async def both_applied() -> bool:
-            return await effects.fetchval("SELECT count(*) FROM bus_effects") == 2
-
-        await eventually(both_applied, timeout=10)
-    rows = await effects.fetch("SELECT seq FROM bus_effects ORDER BY applied_at")
-    assert [r["seq"] for r in rows] == [1, 2]
+        await until_applied(effects, 2)
+    assert await applied_order(effects) == [("s", 1), ("s", 2)]
     assert not await redis.xpending_range(settings.events_stream, GROUP, "-", "+", 10)
 
 
@@ -536,18 +546,10 @@ async def test_a_batching_consumer_never_runs_two_events_of_a_subject_at_once(
         consumer_concurrency=2,
     )
     async with background(worker.run):
-
-        async def done() -> bool:
-            return await effects.fetchval("SELECT count(*) FROM bus_effects") == len(subjects)
-
-        await eventually(done, timeout=30)
+        await until_applied(effects, len(subjects), timeout=30)
     assert max(batch_sizes) > 1  # several subjects per transaction
     assert overlaps == []
-    rows = await effects.fetch("SELECT subject, seq FROM bus_effects ORDER BY applied_at")
-    last: dict[str, int] = {}
-    for row in rows:
-        assert row["seq"] == last.get(row["subject"], 0) + 1, (row["subject"], row["seq"])
-        last[row["subject"]] = row["seq"]
+    assert_each_subject_in_sequence(await applied_order(effects))
 
 
 async def test_one_consumer_applies_each_subjects_events_in_sequence_order(
@@ -559,16 +561,8 @@ async def test_one_consumer_applies_each_subjects_events_in_sequence_order(
     # Subjects run side by side inside a batch; one subject's events never overtake each other.
     worker = consumer(settings, effects, redis, effect_handler(0), consumer_batch=37)
     async with background(worker.run):
-
-        async def done() -> bool:
-            return await effects.fetchval("SELECT count(*) FROM bus_effects") == len(subjects)
-
-        await eventually(done, timeout=30)
-    rows = await effects.fetch("SELECT subject, seq FROM bus_effects ORDER BY applied_at")
-    last: dict[str, int] = {}
-    for row in rows:
-        assert row["seq"] == last.get(row["subject"], 0) + 1, (row["subject"], row["seq"])
-        last[row["subject"]] = row["seq"]
+        await until_applied(effects, len(subjects), timeout=30)
+    assert_each_subject_in_sequence(await applied_order(effects))
 
 
 async def test_many_consumers_converge_to_the_sequential_state_by_sequence_number(

@@ -133,13 +133,19 @@ async def login_merge_completes(
 # --- 23: Redis restarts under load ----------------------------------------------------------
 
 
+@pytest.fixture
+def under_faults(caplog: pytest.LogCaptureFixture, redis: aioredis.Redis) -> None:
+    """Warnings are captured (``bad_log_lines`` reads them); the ``redis`` fixture removes
+    this test's keys afterwards."""
+    caplog.set_level(logging.WARNING)
+
+
 async def test_a_redis_restart_under_load_fails_only_redis_requests_and_everything_resumes(
     settings: Settings,
     servers: DevServers,
-    redis: aioredis.Redis,  # cleans this test's keys up afterwards
     caplog: pytest.LogCaptureFixture,
+    under_faults: None,
 ) -> None:
-    caplog.set_level(logging.WARNING)
     async with fault_proxy(servers.redis_url) as (proxy, redis_url):
         app = all_in_one.create_app(settings.with_overrides(redis_url=redis_url))
         async with running(app) as started, client(started) as api:
@@ -204,10 +210,9 @@ async def test_a_redis_restart_under_load_fails_only_redis_requests_and_everythi
 async def test_after_each_of_several_redis_restarts_requests_work_at_once_and_events_flow(
     settings: Settings,
     servers: DevServers,
-    redis: aioredis.Redis,  # cleans this test's keys up afterwards
     caplog: pytest.LogCaptureFixture,
+    under_faults: None,
 ) -> None:
-    caplog.set_level(logging.WARNING)
     recoveries: list[float] = []
     async with fault_proxy(servers.redis_url) as (proxy, redis_url):
         app = all_in_one.create_app(settings.with_overrides(redis_url=redis_url))
@@ -247,10 +252,9 @@ async def test_after_each_of_several_redis_restarts_requests_work_at_once_and_ev
 async def test_a_postgres_restart_fails_in_flight_requests_with_503_and_service_resumes(
     settings: Settings,
     servers: DevServers,
-    redis: aioredis.Redis,  # cleans this test's keys up afterwards
     caplog: pytest.LogCaptureFixture,
+    under_faults: None,
 ) -> None:
-    caplog.set_level(logging.WARNING)
     async with (
         fault_proxy(settings.database_url) as (proxy, database_url),
         backend_counts(servers, settings.database_url) as counts,
@@ -315,10 +319,9 @@ async def test_a_postgres_restart_fails_in_flight_requests_with_503_and_service_
 async def test_redis_latency_beyond_the_socket_timeout_gives_fast_503s_and_no_crashed_worker(
     settings: Settings,
     servers: DevServers,
-    redis: aioredis.Redis,  # cleans this test's keys up afterwards
     caplog: pytest.LogCaptureFixture,
+    under_faults: None,
 ) -> None:
-    caplog.set_level(logging.WARNING)
     async with fault_proxy(servers.redis_url) as (proxy, redis_url):
         # Production's consumer BLOCK (2 s) is longer than this socket timeout on purpose.
         app_settings = settings.with_overrides(
@@ -399,10 +402,9 @@ async def test_liveness_stays_up_and_readiness_follows_a_stopped_dependency(
 async def test_500_concurrent_requests_on_a_pool_of_10_get_answers_not_500s(
     settings: Settings,
     servers: DevServers,
-    redis: aioredis.Redis,  # cleans this test's keys up afterwards
     caplog: pytest.LogCaptureFixture,
+    under_faults: None,
 ) -> None:
-    caplog.set_level(logging.WARNING)
     app_settings = settings.with_overrides(db_pool_max=10)
     async with (
         backend_counts(servers, settings.database_url) as counts,

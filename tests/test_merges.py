@@ -164,7 +164,7 @@ def drained(redis: aioredis.Redis, settings: Settings) -> Any:
     async def check() -> bool:
         groups = {g["name"]: g for g in await redis.xinfo_groups(settings.events_stream)}
         group = groups.get(GROUP.encode())
-        return bool(group) and group["pending"] == 0 and group["lag"] == 0
+        return group is not None and group["pending"] == 0 and group["lag"] == 0
 
     return check
 
@@ -311,6 +311,17 @@ async def test_merge_into_a_missing_or_same_scope_fails_and_moves_nothing(
     assert (undo.status, undo.body["code"]) == (409, "merge_not_undoable")
 
 
+async def apply_all_at_once(settings: Settings, org: Org, requests: list[Any]) -> list[str]:
+    """Every merge in its own transaction, all at once, none retried (a pool wide enough that
+    none waits for a connection)."""
+    wide = await create_pool(settings.with_overrides(db_pool_max=len(requests)))
+    try:
+        outbox = Outbox(settings.events_stream)
+        return await asyncio.gather(*(apply_without_retry(wide, outbox, org, r) for r in requests))
+    finally:
+        await wide.close()
+
+
 async def apply_without_retry(
     pool: asyncpg.Pool, outbox: Outbox, org: Org, data: Any, event_id: str | None = None
 ) -> str:
@@ -335,15 +346,7 @@ async def test_50_concurrent_merges_into_one_contact_no_error_no_deadlock_right_
     requests = [
         merge_request(org, target_contact_id=contact, source_visitor_id=v) for v in visitors
     ]
-    wide = await create_pool(settings.with_overrides(db_pool_max=50))
-    try:
-        outbox = Outbox(settings.events_stream)
-        outcomes = await asyncio.gather(
-            *(apply_without_retry(wide, outbox, org, r) for r in requests)
-        )
-    finally:
-        await wide.close()
-    assert outcomes == ["done"] * 50
+    assert await apply_all_at_once(settings, org, requests) == ["done"] * 50
     assert (
         await pool.fetchval("SELECT count(*) FROM conversations WHERE contact_id = $1", contact)
         == total
@@ -403,15 +406,7 @@ async def test_concurrent_crossing_merges_serialise_as_if_sequential(
         else merge_request(org, target_contact_id=a, source_contact_id=b)
         for i in range(50)
     ]
-    wide = await create_pool(settings.with_overrides(db_pool_max=50))
-    try:
-        outbox = Outbox(settings.events_stream)
-        outcomes = await asyncio.gather(
-            *(apply_without_retry(wide, outbox, org, r) for r in requests)
-        )
-    finally:
-        await wide.close()
-    assert outcomes == ["done"] * 50
+    assert await apply_all_at_once(settings, org, requests) == ["done"] * 50
     # Every merge moves everything its source has, so any sequential order leaves all 12
     # conversations in one contact; interleaved merges would have left them split.
     scopes = await scope_of(pool, conversations)

@@ -73,9 +73,7 @@ async def running(app: web.Application) -> AsyncIterator[Api]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
-    assert server is not None and server.sockets
-    port = server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
     try:
         async with aiohttp.ClientSession() as session:
             yield Api(session, f"http://127.0.0.1:{port}")
