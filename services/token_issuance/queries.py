@@ -15,13 +15,15 @@ Row: TypeAlias = asyncpg.Record
 
 # --- orgs ----------------------------------------------------------------------------------
 
+_ORG_COLUMNS = "id, name, policy, created_at, updated_at"  # what orgs._info reads
+
 
 async def insert_org(
     conn: asyncpg.Connection, org_id: str, name: str, policy: dict[str, Any]
 ) -> Row:
     row: Row = await conn.fetchrow(
-        """INSERT INTO orgs (id, name, policy) VALUES ($1, $2, $3)
-           RETURNING id, name, policy, created_at, updated_at""",
+        f"""INSERT INTO orgs (id, name, policy) VALUES ($1, $2, $3)
+            RETURNING {_ORG_COLUMNS}""",
         org_id,
         name,
         policy,
@@ -30,9 +32,7 @@ async def insert_org(
 
 
 async def fetch_org(db: Executor, org_id: str) -> Row | None:
-    row: Row | None = await db.fetchrow(
-        "SELECT id, name, policy, created_at, updated_at FROM orgs WHERE id = $1", org_id
-    )
+    row: Row | None = await db.fetchrow(f"SELECT {_ORG_COLUMNS} FROM orgs WHERE id = $1", org_id)
     return row
 
 
@@ -40,7 +40,7 @@ async def lock_org(conn: asyncpg.Connection, org_id: str) -> Row | None:
     """Serialises changes to one org's policy and keys (e.g. two concurrent key deletions
     must not both see "another key is left")."""
     row: Row | None = await conn.fetchrow(
-        "SELECT id, name, policy, created_at, updated_at FROM orgs WHERE id = $1 FOR UPDATE",
+        f"SELECT {_ORG_COLUMNS} FROM orgs WHERE id = $1 FOR UPDATE",
         org_id,
     )
     return row
@@ -50,8 +50,8 @@ async def update_org(
     conn: asyncpg.Connection, org_id: str, name: str, policy: dict[str, Any]
 ) -> Row:
     row: Row = await conn.fetchrow(
-        """UPDATE orgs SET name = $2, policy = $3, updated_at = now() WHERE id = $1
-           RETURNING id, name, policy, created_at, updated_at""",
+        f"""UPDATE orgs SET name = $2, policy = $3, updated_at = now() WHERE id = $1
+            RETURNING {_ORG_COLUMNS}""",
         org_id,
         name,
         policy,
