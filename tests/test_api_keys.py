@@ -10,27 +10,19 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import asyncpg
 import pytest
-from aiohttp import web
 
 from services.token_issuance.app import create_app
 from shared.config import Settings
 from tests.conftest import ADMIN_TOKEN
-from tests.support.server import Api, Reply, eventually, running
-from tests.support.tokens import OrgFixture, mint_contact_token, provision_org
+from tests.support.server import Reply, eventually, running
+from tests.support.token_env import TokenIssuanceEnv, token_issuance
+from tests.support.tokens import mint_contact_token, provision_org
 
 
-@dataclass
-class Env:
-    api: Api
-    app: web.Application
-    org: OrgFixture
-    pool: asyncpg.Pool
-    settings: Settings
-
+class Env(TokenIssuanceEnv):
     async def create_key(self, scopes: list[str], **extra: object) -> Reply:
         return await self.api.post(
             f"/admin/v1/orgs/{self.org.org_id}/api-keys",
@@ -46,10 +38,8 @@ class Env:
 
 @pytest.fixture
 async def env(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Env]:
-    app = create_app(settings)
-    async with running(app) as api:
-        org = await provision_org(api)
-        yield Env(api=api, app=app, org=org, pool=pool, settings=settings)
+    async with token_issuance(settings, pool, Env) as env:
+        yield env
 
 
 async def test_a_key_is_typed_shown_once_and_stored_only_as_a_hash(

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -26,18 +25,12 @@ from shared.config import RateLimits, Settings
 from shared.errors import ConfigError
 from shared.events import EVENT_FIELD, ContactAuthenticated, ContactTokensRevoked, event_decoder
 from shared.tokens import CONTACT_TOKENS, KID_PATTERN, MAX_TOKEN_BYTES
-from tests.support.server import Api, Reply, eventually, running
-from tests.support.tokens import OrgFixture, mint_contact_token, provision_org
+from tests.support.server import Reply, eventually, running
+from tests.support.token_env import TokenIssuanceEnv, token_issuance
+from tests.support.tokens import mint_contact_token, provision_org
 
 
-@dataclass
-class Env:
-    api: Api
-    app: web.Application
-    org: OrgFixture
-    pool: asyncpg.Pool
-    settings: Settings
-
+class Env(TokenIssuanceEnv):
     async def authenticate(self, body: Any, *, key: str | None = None) -> Reply:
         return await self.api.post(
             "/widget/authenticate-user", json=body, token=key or self.org.api_key
@@ -52,10 +45,8 @@ class Env:
 
 @pytest.fixture
 async def env(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Env]:
-    app = create_app(settings)
-    async with running(app) as api:
-        org = await provision_org(api)
-        yield Env(api=api, app=app, org=org, pool=pool, settings=settings)
+    async with token_issuance(settings, pool, Env) as env:
+        yield env
 
 
 def decode(env: Env, token: str) -> dict[str, Any]:
