@@ -63,10 +63,14 @@ def late(column: str) -> Any:
     return Late(column)
 
 
+_SEQ_CTE = "event_seq"
+
+
 @dataclass(frozen=True, slots=True)
 class EventInsert:
-    """CTEs (``<name>_seq``, ``<name>_row``) that insert one event into the outbox from within
-    the caller's statement, with the parameters they use. ``seq_cte`` yields ``seq``."""
+    """CTEs (``event_seq``, ``event_row``) that insert one event into the outbox from within
+    the caller's statement, with the parameters they use. ``seq_cte`` yields ``seq``;
+    ``event`` still holds its ``Late`` placeholders (and seq), for ``emit`` to complete."""
 
     ctes: str
     params: list[Any]
@@ -117,7 +121,6 @@ class Outbox:
         data: Any,
         source: str,
         first_param: int,
-        name: str = "event",
     ) -> EventInsert:
         """SQL that writes this event as part of a larger statement.
 
@@ -129,7 +132,7 @@ class Outbox:
         order.
         """
         nonce = secrets.token_hex(8)
-        seq_cte, row_cte = f"{name}_seq", f"{name}_row"
+        seq_cte = _SEQ_CTE
         seq = Late("seq")  # placeholder for the seq CTE's value
         slots: dict[bytes, str] = {}
 
@@ -176,12 +179,11 @@ class Outbox:
             at = position + len(needle)
         params.append(payload[at:])
         parts.append(f"${n}::bytea")
-        subject_sql = f"{source}.subject"
         ctes = (
             f"{seq_cte} AS ("
-            f"INSERT INTO subject_seqs (subject, seq) SELECT {subject_sql}, 1 FROM {source} "
+            f"INSERT INTO subject_seqs (subject, seq) SELECT {source}.subject, 1 FROM {source} "
             f"ON CONFLICT (subject) DO UPDATE SET seq = subject_seqs.seq + 1 RETURNING seq), "
-            f"{row_cte} AS ("
+            f"event_row AS ("
             f"INSERT INTO outbox (event_id, stream, event_type, payload) "
             f"SELECT ${first_param}, ${first_param + 1}, ${first_param + 2}, {' || '.join(parts)} "
             f"FROM {source}, {seq_cte})"
