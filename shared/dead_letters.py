@@ -19,6 +19,8 @@ from shared.redis import as_str
 
 log = logging.getLogger(__name__)
 
+_REPLAY_BATCH = 100
+
 
 async def dead_letters(
     redis: aioredis.Redis, settings: Settings, group: str, *, count: int = 100
@@ -34,24 +36,22 @@ async def replay_dead_letters(
     redis: aioredis.Redis, settings: Settings, group: str, *, count: int | None = None
 ) -> int:
     """Put dead letters back on the events stream (same event ids, so consumers that already
-    applied them skip them) and remove them from the dead-letter stream, one atomically."""
+    applied them skip them) and remove them from the dead-letter stream: a batch at a time,
+    each batch moved atomically (MULTI), in their original order."""
     stream = settings.dead_letter_stream(group)
     replayed = 0
     started = time.monotonic()
     while count is None or replayed < count:
-        batch = stream_entries(
-            await redis.xrange(stream, count=min(100, (count or 100) - replayed) or 100)
-        )
+        want = _REPLAY_BATCH if count is None else min(_REPLAY_BATCH, count - replayed)
+        batch = stream_entries(await redis.xrange(stream, count=want))
         if not batch:
             break
-        for mid, fields in batch:
-            pipe = redis.pipeline(transaction=True)
+        pipe = redis.pipeline(transaction=True)
+        for _mid, fields in batch:
             pipe.xadd(settings.events_stream, {EVENT_FIELD: (fields or {}).get(EVENT_FIELD, b"")})
-            pipe.xdel(stream, mid)
-            await pipe.execute()
-            replayed += 1
-            if count is not None and replayed >= count:
-                break
+        pipe.xdel(stream, *(mid for mid, _fields in batch))
+        await pipe.execute()
+        replayed += len(batch)
     log.info(
         "replayed dead letters",
         extra={"group": group, "count": replayed, "seconds": time.monotonic() - started},

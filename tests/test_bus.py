@@ -672,12 +672,18 @@ async def test_the_cli_lists_and_replays_dead_letters(
     settings: Settings, redis: aioredis.Redis
 ) -> None:
     dead = settings.dead_letter_stream("crm")
-    await redis.xadd(dead, {EVENT_FIELD: b'{"id":"e1"}', b"originalId": b"1-0", b"error": b"boom"})
-    code, listed, err = await cli(settings, "dlq", "list", "--group", "crm")
+    for i in range(250):  # more than one replay batch
+        await redis.xadd(
+            dead, {EVENT_FIELD: b'{"id":"e%d"}' % i, b"originalId": b"1-0", b"error": b"boom"}
+        )
+    code, listed, err = await cli(settings, "dlq", "list", "--group", "crm", "--count", "2")
     assert code == 0, err
-    assert [(e["originalId"], e["error"]) for e in listed] == [("1-0", "boom")]
+    assert [(e["originalId"], e["error"]) for e in listed] == [("1-0", "boom")] * 2
+    code, replayed, err = await cli(settings, "dlq", "replay", "--group", "crm", "--count", "120")
+    assert (code, replayed) == (0, {"group": "crm", "replayed": 120}), err
+    assert await redis.xlen(dead) == 130
     code, replayed, err = await cli(settings, "dlq", "replay", "--group", "crm")
-    assert (code, replayed) == (0, {"group": "crm", "replayed": 1}), err
+    assert (code, replayed) == (0, {"group": "crm", "replayed": 130}), err
     assert await redis.xlen(dead) == 0
-    [(_id, fields)] = await redis.xrange(settings.events_stream)
-    assert fields[EVENT_FIELD] == b'{"id":"e1"}'
+    replayed_events = [f[EVENT_FIELD] for _id, f in await redis.xrange(settings.events_stream)]
+    assert replayed_events == [b'{"id":"e%d"}' % i for i in range(250)]  # in their order
