@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -184,3 +185,13 @@ def test_as_root_an_unreachable_data_dir_moves_postgres_to_a_stable_place(
     finally:
         if fallback is not None:
             shutil.rmtree(fallback.parent, ignore_errors=True)
+
+
+def test_a_server_that_dies_while_starting_is_an_error_with_its_log(tmp_path: pathlib.Path) -> None:
+    log_file = tmp_path / "server.log"
+    with open(log_file, "wb") as out:
+        proc = subprocess.Popen(["sh", "-c", "echo 'FATAL: bad setting'; exit 3"], stdout=out)
+    with pytest.raises(DevStackError, match=r"(?s)Fake did not start; exit 3.*FATAL: bad setting"):
+        processes._await_ready(
+            proc, lambda: False, what="Fake", log_file=log_file, stop_signals=(signal.SIGTERM,)
+        )

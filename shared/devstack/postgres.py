@@ -8,20 +8,17 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from .errors import DevStackError
 from .processes import (
-    _START_TIMEOUT,
     Log,
+    _await_ready,
     _chown,
-    _log_tail,
     _run,
     _run_as_for,
     _RunAs,
     _spawn,
-    _stop_child,
 )
 
 _PG_STOP = (signal.SIGINT, signal.SIGQUIT, signal.SIGKILL)  # fast, immediate, kill
@@ -108,18 +105,13 @@ def _start_postgres(
     for name, value in settings.items():
         argv += ["-c", f"{name}={value}"]
     proc = _spawn(argv, run_as, log_file, signal.SIGINT)
-    deadline = time.monotonic() + _START_TIMEOUT
     pidfile, sock = pgdata / "postmaster.pid", sockdir / ".s.PGSQL.5432"
-    try:  # not yet on the caller's exit stack: stop it here on failure or Ctrl-C
-        while True:
-            # pg_ctl -w's test: line 8 of postmaster.pid says "ready" once connections work.
-            with contextlib.suppress(OSError):
-                lines = pidfile.read_text().splitlines()
-                if len(lines) >= 8 and lines[7].strip() == "ready" and sock.exists():
-                    return proc
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise DevStackError(f"PostgreSQL did not start; {_log_tail(log_file, proc)}")
-            time.sleep(0.02)
-    except BaseException:
-        _stop_child(proc, _PG_STOP)
-        raise
+
+    def ready() -> bool:
+        # pg_ctl -w's test: line 8 of postmaster.pid says "ready" once connections work.
+        with contextlib.suppress(OSError):
+            lines = pidfile.read_text().splitlines()
+            return len(lines) >= 8 and lines[7].strip() == "ready" and sock.exists()
+        return False
+
+    return _await_ready(proc, ready, what="PostgreSQL", log_file=log_file, stop_signals=_PG_STOP)

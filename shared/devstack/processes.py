@@ -188,3 +188,26 @@ def _log_tail(path: Path, proc: subprocess.Popen[bytes], lines: int = 25) -> str
     except OSError:
         return f"{status}, no log at {path}"
     return f"{status}; {path} ends with:\n" + "\n".join(text[-lines:])
+
+
+def _await_ready(
+    proc: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    *,
+    what: str,
+    log_file: Path,
+    stop_signals: tuple[signal.Signals, ...],
+) -> subprocess.Popen[bytes]:
+    """Wait until ``ready()``; a server that dies or takes longer than _START_TIMEOUT is an
+    error with its log's tail. Not yet on the caller's exit stack, so it is stopped here on
+    failure or Ctrl-C."""
+    deadline = time.monotonic() + _START_TIMEOUT
+    try:
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise DevStackError(f"{what} did not start; {_log_tail(log_file, proc)}")
+            time.sleep(0.02)
+    except BaseException:
+        _stop_child(proc, stop_signals)
+        raise
+    return proc

@@ -6,11 +6,9 @@ import contextlib
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
-from .errors import DevStackError
-from .processes import _START_TIMEOUT, _log_tail, _RunAs, _spawn, _stop_child
+from .processes import _await_ready, _RunAs, _spawn
 
 _REDIS_STOP = (signal.SIGTERM, signal.SIGKILL)
 
@@ -49,13 +47,6 @@ def _start_redis(
         "yes" if persistent else "no",
     ]
     proc = _spawn(argv, _RunAs(None, None, ""), log_file, signal.SIGTERM)
-    deadline = time.monotonic() + _START_TIMEOUT
-    try:  # not yet on the caller's exit stack: stop it here on failure or Ctrl-C
-        while not _redis_ready(sock):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise DevStackError(f"Redis did not start; {_log_tail(log_file, proc)}")
-            time.sleep(0.02)
-    except BaseException:
-        _stop_child(proc, _REDIS_STOP)
-        raise
-    return proc
+    return _await_ready(
+        proc, lambda: _redis_ready(sock), what="Redis", log_file=log_file, stop_signals=_REDIS_STOP
+    )
