@@ -22,6 +22,7 @@ from services.history.schemas import (
     MessageOut,
     Scope,
 )
+from shared.contact_rows import contact_is_live, lock_live_contact
 from shared.errors import Problem, not_found, validation_failed
 from shared.pagination import decode_cursor, encode_cursor, parse_limit
 
@@ -113,8 +114,8 @@ async def create_conversation(
     if body.message is not None:
         check_data(body.message.data)
     session = await live_session(conn, org_id, body.session_id)
-    if session.contact_id is not None and not await queries.lock_live_contact(
-        conn, org_id, session.contact_id
+    if session.contact_id is not None and not await lock_live_contact(
+        conn, org_id, session.contact_id, mode="key share"
     ):
         # The contact was erased after the session resolved: nothing may be written for it.
         raise session_ended()
@@ -228,7 +229,7 @@ async def contact_history(
         raise validation_failed("externalId is not valid")
     limit, after = page_params(query)
     # An erased contact has no history and reads as not found, like another org's contact.
-    if not await queries.contact_is_live(db, org_id, contact_id):
+    if not await contact_is_live(db, org_id, contact_id):
         raise not_found("contact")
     rows = await queries.contact_conversations(
         db, org_id, contact_id, external_id, limit=limit + 1, after=after

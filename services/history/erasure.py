@@ -15,6 +15,7 @@ import asyncpg
 
 from services.history import queries
 from services.history.schemas import ErasureReceipt
+from shared.contact_rows import lock_live_contact
 from shared.errors import not_found
 from shared.events import ContactErased, ContactErasedData, ContactTokensRevoked, TokensRevokedData
 from shared.outbox import Outbox
@@ -25,7 +26,7 @@ async def erase_contact(
 ) -> ErasureReceipt:
     # Lock first: writers into this contact's scope hold KEY SHARE on the row, so after this
     # every one of them has committed (and is deleted below) and no new one can start.
-    if not await queries.lock_contact_for_erasure(conn, org_id, contact_id):
+    if not await lock_live_contact(conn, org_id, contact_id, mode="update"):
         # Missing, another org's, or already erased: all read the same.
         raise not_found("contact")
     conversations, messages = await queries.erase_history(conn, org_id, contact_id)

@@ -20,6 +20,7 @@ import asyncpg
 
 from services.history import queries
 from services.history.schemas import ContactMerge, MergeOut, Scope
+from shared.contact_rows import contact_is_live
 from shared.errors import Problem, WidgetIdentityError, not_found, validation_failed
 from shared.events import (
     HistoryMerged,
@@ -383,7 +384,7 @@ async def request_contact_merge(
     if source_id == target_id:
         raise validation_failed("a contact cannot be merged into itself")
     for contact_id in (target_id, source_id):
-        if not await queries.contact_is_live(conn, org_id, contact_id):
+        if not await contact_is_live(conn, org_id, contact_id):
             raise not_found("contact")
     merge_id = str(uuid.uuid4())
     await queries.insert_merge(

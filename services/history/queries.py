@@ -1,4 +1,5 @@
-"""Every SQL statement of the history service.
+"""Every SQL statement of the history service (the contact-row reads and locks it shares
+with token issuance are in shared.contact_rows).
 
 Lock order, shared by everything that moves or removes history so no two transactions can
 wait on each other in a cycle: the merge row, then the scope advisory locks (sorted by key),
@@ -32,28 +33,6 @@ async def session_scope(db: Db, org_id: str, session_id: uuid.UUID) -> Row | Non
            FROM session_scopes WHERE session_id = $1 AND org_id = $2""",
         session_id,
         org_id,
-    )
-
-
-async def lock_live_contact(conn: asyncpg.Connection, org_id: str, contact_id: str) -> bool:
-    """KEY SHARE on the contact row: erasure's FOR UPDATE waits for us (and we for it), so
-    nothing is written into a contact's scope after it is erased."""
-    found = await conn.fetchval(
-        """SELECT erased_at IS NULL FROM contacts WHERE org_id = $1 AND id = $2
-           FOR KEY SHARE""",
-        org_id,
-        contact_id,
-    )
-    return bool(found)
-
-
-async def contact_is_live(db: Db, org_id: str, contact_id: str) -> bool:
-    return bool(
-        await db.fetchval(
-            "SELECT true FROM contacts WHERE org_id = $1 AND id = $2 AND erased_at IS NULL",
-            org_id,
-            contact_id,
-        )
     )
 
 
@@ -471,18 +450,6 @@ async def undo_moves(
 
 
 # --- Erasure ---------------------------------------------------------------------------------
-
-
-async def lock_contact_for_erasure(conn: asyncpg.Connection, org_id: str, contact_id: str) -> bool:
-    """FOR UPDATE on a live contact: waits for every writer into its scope (they hold KEY
-    SHARE) and keeps new ones out until the erasure commits."""
-    found = await conn.fetchval(
-        """SELECT true FROM contacts WHERE org_id = $1 AND id = $2 AND erased_at IS NULL
-           FOR UPDATE""",
-        org_id,
-        contact_id,
-    )
-    return bool(found)
 
 
 async def erase_history(conn: asyncpg.Connection, org_id: str, contact_id: str) -> tuple[int, int]:

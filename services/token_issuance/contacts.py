@@ -35,6 +35,7 @@ from services.token_issuance.schemas import (
 )
 from services.token_issuance.signing_keys import sign_contact_token
 from shared.config import Settings
+from shared.contact_rows import lock_live_contact
 from shared.db import in_transaction
 from shared.errors import Problem, not_found, validation_failed
 from shared.events import (
@@ -290,7 +291,7 @@ async def revoke_tokens(
     """Reject every token of the contact issued so far ("log out everywhere")."""
 
     async def work(conn: asyncpg.Connection) -> datetime:
-        if not await queries.lock_live_contact(conn, org_id, contact_id):
+        if not await lock_live_contact(conn, org_id, contact_id, mode="update"):
             raise not_found("contact")
         not_before = await queries.set_tokens_not_before(conn, contact_id)
         await outbox.emit(

@@ -265,16 +265,6 @@ async def upsert_contact(
     return row
 
 
-async def lock_live_contact(conn: asyncpg.Connection, org_id: str, contact_id: str) -> bool:
-    found = await conn.fetchval(
-        """SELECT 1 FROM contacts WHERE id = $1 AND org_id = $2 AND erased_at IS NULL
-           FOR UPDATE""",
-        contact_id,
-        org_id,
-    )
-    return found is not None
-
-
 async def set_tokens_not_before(conn: asyncpg.Connection, contact_id: str) -> datetime:
     """Stamp the contact's not-before: the next whole second after now (contact tokens carry
     whole-second ``iat``), and strictly after the previous not-before. So a token issued
