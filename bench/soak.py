@@ -1,6 +1,6 @@
 """``make soak``: does the all-in-one server's memory stay flat under a long mixed load?
 
-DESIGN.md section 7: "no unbounded memory growth over a 10-minute soak". The all-in-one
+The target (docs/promises.md, "Targets"): "no unbounded memory growth over a 10-minute soak". The all-in-one
 server (every service, its consumers and the outbox relay in one process) gets a closed-loop
 mix of authenticate-user (new and returning contacts), POST /widget/sessions (new anonymous,
 returning anonymous, returning verified visitors) and session history reads. Its RSS is

@@ -18,8 +18,8 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
+from devstack import DevServers
 from shared.db import with_database
-from shared.devstack import DevServers
 
 ROOT = Path(__file__).resolve().parent.parent
 

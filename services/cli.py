@@ -23,7 +23,8 @@ from services.history import app as history
 from services.session_resolution import app as session_resolution
 from services.token_issuance import app as token_issuance
 from services.token_issuance import cli as token_issuance_cli
-from shared import db, dead_letters, migrate
+from shared import db, migrate
+from shared.bus import dead_letters
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.lifecycle import serve
@@ -93,7 +94,7 @@ async def _check_redis(settings: Settings) -> None:
 
 def _cmd_dev(args: argparse.Namespace) -> None:
     """``make run``: private Postgres and Redis unless URLs are given, migrate, serve all."""
-    from shared.devstack import dev_servers  # only development needs it
+    from devstack import dev_servers  # only development needs it
 
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

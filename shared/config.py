@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from aiohttp import web
+
 from shared.errors import ConfigError
 
 T = TypeVar("T")
@@ -226,3 +228,7 @@ class _Reader:
         if len(key) != 32:
             raise ConfigError(f"{name}: must decode to 32 bytes, got {len(key)}")
         return key
+
+
+# Every app carries its settings under this key (the process layer and every wing read it).
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)

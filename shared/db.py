@@ -60,7 +60,7 @@ async def _no_session_state(conn: asyncpg.Connection) -> None:
     round trip on every release (UNLISTEN, advisory unlock, RESET ALL): ~5% of a request."""
 
 
-# Timestamps Postgres renders as text (events' late-bound fields, see shared.outbox) come out
+# Timestamps Postgres renders as text (events' late-bound fields, see shared.bus.outbox) come out
 # in UTC whatever the server's or role's TimeZone, like everything msgspec writes.
 _SERVER_SETTINGS = {"timezone": "UTC"}
 

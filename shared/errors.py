@@ -1,6 +1,6 @@
 """The one root exception and the domain errors that become RFC 9457 problem+json.
 
-Rules code raises these; one middleware (``shared.http``) turns them into responses, so
+Rules code raises these; one middleware (``shared.web.http``) turns them into responses, so
 handlers never build error bodies by hand and every error carries a stable ``code``.
 """
 
@@ -55,7 +55,7 @@ class Problem(WidgetIdentityError):
         return doc
 
 
-# Constructors for the codes DESIGN.md section 4 names, so a code is spelled in one place.
+# Constructors for the codes the HTTP contract names (docs/openapi.json), so a code is spelled in one place.
 
 
 def validation_failed(detail: str, *, errors: list[dict[str, str]] | None = None) -> Problem:

@@ -11,13 +11,25 @@ import asyncio
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from shared.config import Settings
-from shared.http import READINESS, SETTINGS
+from shared.config import SETTINGS, Settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Readiness:
+    """What /readyz reports: draining after SIGTERM, else every dependency's ping."""
+
+    draining: bool = False
+    checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+
+
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness", Readiness)
+SERVICE_NAME: web.AppKey[str] = web.AppKey("service_name", str)
 
 Worker = Callable[[asyncio.Event], Awaitable[None]]
 WorkerFactory = Callable[[web.Application], Worker]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from shared.auth import API_KEYS, ApiKeyAuthenticator
+from shared.bus.outbox import OUTBOX, Outbox, add_relay
+from shared.bus.retention import add_stream_retention
 from shared.config import Settings
-from shared.http import base_app
-from shared.outbox import OUTBOX, Outbox, add_relay
-from shared.retention import add_stream_retention
+from shared.identity.api_keys import API_KEYS, ApiKeyAuthenticator
+from shared.web.http import base_app
 
 
 def service_app(settings: Settings, *, name: str) -> web.Application:

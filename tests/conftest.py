@@ -16,10 +16,10 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from devstack import DevServers, dev_servers
 from shared import migrate
 from shared.config import RateLimits, Settings
 from shared.db import with_database
-from shared.devstack import DevServers, dev_servers
 
 ADMIN_TOKEN = "test-admin-token-" + "x" * 16
 

@@ -23,11 +23,9 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from shared.config import Settings
-from shared.consumer import Batched, StreamConsumer
-from shared.db import create_pool
-from shared.dead_letters import dead_letters, replay_dead_letters
-from shared.events import (
+from shared.bus.consumer import Batched, StreamConsumer
+from shared.bus.dead_letters import dead_letters, replay_dead_letters
+from shared.bus.events import (
     EVENT_FIELD,
     ContactAuthenticated,
     ContactAuthenticatedData,
@@ -35,7 +33,9 @@ from shared.events import (
     VisitorCreatedData,
     event_decoder,
 )
-from shared.outbox import Outbox, OutboxRelay, late
+from shared.bus.outbox import Outbox, OutboxRelay, late
+from shared.config import Settings
+from shared.db import create_pool
 from shared.redis import create_redis
 from tests.support.bus_worker import GROUP, effect_handler
 from tests.support.cli import cli
@@ -228,8 +228,8 @@ async def test_process_killed_between_commit_and_publish_still_gets_its_event_pu
     # relay could publish it.
     script = (
         "import asyncio, os, signal, asyncpg\n"
-        "from shared.outbox import Outbox\n"
-        "from shared.events import VisitorCreated, VisitorCreatedData\n"
+        "from shared.bus.outbox import Outbox\n"
+        "from shared.bus.events import VisitorCreated, VisitorCreatedData\n"
         "async def main():\n"
         "    conn = await asyncpg.connect(os.environ['DATABASE_URL'])\n"
         "    async with conn.transaction():\n"

@@ -49,8 +49,8 @@ from widget_identity_client.models import (
 )
 
 from services import all_in_one
-from shared.auth import SCOPES
 from shared.config import Settings
+from shared.identity.api_keys import SCOPES
 from tests.conftest import ADMIN_TOKEN
 from tests.support.server import eventually, running
 

@@ -28,14 +28,14 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from devstack import DevServers
 from services.token_issuance.app import create_app
 from services.token_issuance.signing_keys import PrivateKey, decrypt_private_key
+from shared.bus.events import ContactErased, ContactErasedData
+from shared.bus.outbox import OUTBOX
 from shared.config import Settings
-from shared.devstack import DevServers
 from shared.errors import Problem
-from shared.events import ContactErased, ContactErasedData
-from shared.outbox import OUTBOX
-from shared.tokens import CONTACT_TOKENS, ContactTokenVerifier
+from shared.identity.contact_tokens import CONTACT_TOKENS, ContactTokenVerifier
 from tests.conftest import ADMIN_TOKEN
 from tests.support.server import Api, eventually, running
 from tests.support.tokens import OrgFixture, mint_contact_token, provision_org

@@ -10,7 +10,7 @@ cluster) and then:
   schema for and would only warn about, are validated here against a strict schema of the
   KEDA v2 fields, plus their embedded standard types through the Kubernetes schemas. Any
   other kind without a schema fails the test instead of passing unchecked;
-- checked for the operational properties DESIGN.md section 6 asks of each workload.
+- checked for the operational properties docs/architecture.md asks of each workload.
 
 Without kubectl these tests skip, naming the missing tool; they never pass silently.
 """

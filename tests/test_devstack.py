@@ -1,4 +1,4 @@
-"""Promises of shared.devstack: private servers that start on any machine and always stop."""
+"""Promises of devstack: private servers that start on any machine and always stop."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 import redis
 
-from shared.devstack import DevStackError, dev_servers, processes
+from devstack import DevStackError, dev_servers, processes
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -118,7 +118,7 @@ def test_a_sigkilled_run_does_not_block_the_next_start(
 ) -> None:
     # False stands for a platform without PR_SET_PDEATHSIG: the servers outlive the kill.
     code = (
-        "import sys; from shared import devstack; from shared.devstack import processes; "
+        "import sys; from shared import devstack; from devstack import processes; "
         f"processes._USE_PDEATHSIG = {pdeathsig}; "
         f"sys.argv[1:] = ['--data-dir', {str(data_dir)!r}]; devstack.main()"
     )

@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 
 from services.history.erasure import erase_contact
 from services.history.merges import apply_requested_merge
+from shared.bus.events import ContactAuthenticated, ContactAuthenticatedData
+from shared.bus.outbox import Outbox
 from shared.config import Settings
 from shared.db import create_pool, in_transaction
-from shared.events import ContactAuthenticated, ContactAuthenticatedData
-from shared.outbox import Outbox
 from tests.support.history_fixtures import (
     Org,
     add_conversations,

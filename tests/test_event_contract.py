@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.asyncapi import document, render
-from shared.events import EVENT_TYPES
+from shared.bus.asyncapi import document, render
+from shared.bus.events import EVENT_TYPES
 
 COMMITTED = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.json"
 
 
 def test_committed_asyncapi_document_matches_the_event_types() -> None:
     assert COMMITTED.read_text() == render(), (
-        "docs/asyncapi.json is stale: run `python -m shared.asyncapi > docs/asyncapi.json`"
+        "docs/asyncapi.json is stale: run `python -m shared.bus.asyncapi > docs/asyncapi.json`"
     )
 
 

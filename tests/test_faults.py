@@ -1,9 +1,9 @@
-"""Faults and operations (RELIABILITY.md 23, 24, 25, 27, 28): a dependency restarts, slows
+"""Faults and operations (docs/promises.md, "Faults"): a dependency restarts, slows
 down or vanishes under load, and the service answers honestly (503 problem+json with
 Retry-After, never a 500 or a hang), recovers by itself, and stays within its bounds.
 
 Faults are injected by ``tests/support/proxy.py`` between the app and the test session's own
-Postgres/Redis, so the shared servers never restart. RELIABILITY.md's 60 s of load are
+Postgres/Redis, so the shared servers never restart. A production-length 60 s of load is
 scaled down to 10 s here (outage 3 s in, restore 3 s later), plus four short restarts in a
 row, so the file runs in about a minute; "within 10 s" recovery promises are kept as written. Item 26 (SIGTERM drain) and
 readiness with a faked dependency are in test_lifecycle.py. Figures that depend on the
@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from devstack import DevServers
 from services import all_in_one
 from shared.config import Settings
-from shared.devstack import DevServers
 from tests.conftest import ADMIN_TOKEN
 from tests.support.load import (
     Outcome,

@@ -37,11 +37,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from devstack import DevServers
 from services import all_in_one
 from shared.config import Settings
 from shared.db import with_database
-from shared.devstack import DevServers
-from shared.openapi import build_document
+from shared.web.openapi import build_document
 from tests.conftest import ADMIN_TOKEN, settings_for
 from tests.support.server import Api, running
 from tests.support.tokens import OrgFixture, mint_contact_token, provision_org

@@ -26,7 +26,7 @@ from services.session_resolution.session_tokens import (
     wrap_session_token,
 )
 from shared.errors import Problem
-from shared.widget import parse_widget_settings
+from shared.identity.widget_tokens import parse_widget_settings
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 CONTACT = "5f0c6a43-3f5e-4d43-9a43-0a1d2b3c4d5e"

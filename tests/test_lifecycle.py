@@ -13,8 +13,8 @@ import sys
 import aiohttp
 import pytest
 
+from devstack import DevServers
 from shared.config import Settings
-from shared.devstack import DevServers
 from tests.support.server import eventually
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +92,7 @@ async def test_healthz_is_up_while_readyz_reports_a_dead_dependency(settings: Se
         assert ready.status == 200
         assert ready.body["checks"] == ["postgres", "redis"]
         # Replace the Redis ping with one that fails, as a dead Redis would.
-        from shared.http import READINESS
+        from shared.lifecycle import READINESS
 
         async def dead() -> None:
             raise ConnectionError("redis down")

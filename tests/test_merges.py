@@ -17,10 +17,10 @@ import redis.asyncio as aioredis
 from services import all_in_one
 from services.history.handlers import GROUP
 from services.history.merges import apply_requested_merge
+from shared.bus.dead_letters import dead_letters, replay_dead_letters
+from shared.bus.outbox import Outbox
 from shared.config import Settings
 from shared.db import create_pool
-from shared.dead_letters import dead_letters, replay_dead_letters
-from shared.outbox import Outbox
 from tests.support.history_fixtures import (
     Org,
     add_conversations,

@@ -8,9 +8,9 @@ import uuid
 import asyncpg
 import pytest
 
+from devstack import DevServers
 from shared import migrate
 from shared.db import with_database
-from shared.devstack import DevServers
 from shared.errors import ConfigError
 
 

@@ -18,9 +18,9 @@ from services import all_in_one
 from services.history import app as history
 from services.session_resolution import app as session_resolution
 from services.token_issuance import app as token_issuance
-from shared.auth import SCOPES
 from shared.config import Settings
-from shared.openapi import UndocumentedRoute, build_document, operation
+from shared.identity.api_keys import SCOPES
+from shared.web.openapi import UndocumentedRoute, build_document, operation
 from tests.conftest import ADMIN_TOKEN
 from tests.support.server import running
 

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from shared.errors import Problem
-from shared.pagination import MAX_CURSOR_LENGTH, decode_cursor, encode_cursor, parse_limit
+from shared.web.pagination import MAX_CURSOR_LENGTH, decode_cursor, encode_cursor, parse_limit
 
 
 def test_a_cursor_names_the_instant_and_id_it_was_made_from() -> None:

@@ -1,5 +1,5 @@
 """The events stream stays bounded, and trimming never drops an entry a consumer group still
-needs (RELIABILITY 21), against a real Redis."""
+needs, against a real Redis."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from services import all_in_one
+from shared.bus.retention import trim_stream
 from shared.config import Settings
-from shared.retention import trim_stream
 from tests.support.server import eventually, running
 from tests.support.tokens import mint_contact_token, provision_org
 

@@ -1,4 +1,4 @@
-"""DESIGN.md section 3, promises 1, 2, 3, 6, 7 and 8, proven against the real server: one test
+"""docs/promises.md, promises 1, 2, 3, 6, 7 and 8, proven against the real server: one test
 per promise, each a story a customer would recognise."""
 
 from __future__ import annotations

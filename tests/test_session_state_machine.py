@@ -1,4 +1,4 @@
-"""RELIABILITY 12: a Hypothesis state machine drives random sequences of visits, typed emails,
+"""A Hypothesis state machine drives random sequences of visits, typed emails,
 logins (several contacts and externalIds), chats, logouts and token revocations on several
 browsers against the real server, and checks the identity invariants after every step.
 

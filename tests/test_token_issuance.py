@@ -21,10 +21,10 @@ from services.all_in_one import create_app as create_all_in_one
 from services.token_issuance.app import create_app
 from services.token_issuance.deps import KEYRING
 from services.token_issuance.signing_keys import decrypt_private_key, generate_signing_key
+from shared.bus.events import EVENT_FIELD, ContactAuthenticated, ContactTokensRevoked, event_decoder
 from shared.config import RateLimits, Settings
 from shared.errors import ConfigError
-from shared.events import EVENT_FIELD, ContactAuthenticated, ContactTokensRevoked, event_decoder
-from shared.tokens import CONTACT_TOKENS, KID_PATTERN, MAX_TOKEN_BYTES
+from shared.identity.contact_tokens import CONTACT_TOKENS, KID_PATTERN, MAX_TOKEN_BYTES
 from tests.support.server import Reply, eventually, running
 from tests.support.token_env import TokenIssuanceEnv, token_issuance
 from tests.support.tokens import mint_contact_token, provision_org

@@ -4,8 +4,8 @@ Run from the repository root::
 
     .venv/bin/python clients/python/generate.py
 
-It renders the all-in-one app's OpenAPI 3.1 document (``shared.openapi.build_document``) and
-the AsyncAPI event document (``shared.asyncapi.document``), writes the OpenAPI document to
+It renders the all-in-one app's OpenAPI 3.1 document (``shared.web.openapi.build_document``) and
+the AsyncAPI event document (``shared.bus.asyncapi.document``), writes the OpenAPI document to
 ``docs/openapi.json`` for outside readers, and turns both documents' schemas into
 ``widget_identity_client/models.py`` (msgspec Structs) and their operations into
 ``widget_identity_client/operations.py`` (the translation is codegen.py). The client package itself never imports ``shared``
@@ -45,7 +45,7 @@ def openapi_document() -> dict[str, Any]:
     _ensure_importable()
     from services import all_in_one
     from shared.config import Settings
-    from shared.openapi import build_document
+    from shared.web.openapi import build_document
 
     settings = Settings(
         database_url="postgresql://unused/unused",
@@ -58,7 +58,7 @@ def openapi_document() -> dict[str, Any]:
 
 def asyncapi_document() -> dict[str, Any]:
     _ensure_importable()
-    from shared.asyncapi import document
+    from shared.bus.asyncapi import document
 
     return document()
 

@@ -6,8 +6,8 @@ from aiohttp import web
 
 from services.history import handlers
 from services.history.routes import routes
+from shared.bus.consumer import add_consumer
 from shared.config import Settings
-from shared.consumer import add_consumer
 from shared.service import service_app
 
 NAME = "history"

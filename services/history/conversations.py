@@ -22,9 +22,9 @@ from services.history.schemas import (
     MessageOut,
     Scope,
 )
-from shared.contact_rows import contact_is_live, lock_live_contact
 from shared.errors import Problem, not_found, validation_failed
-from shared.pagination import decode_cursor, encode_cursor, parse_limit
+from shared.identity.contacts import contact_is_live, lock_live_contact
+from shared.web.pagination import decode_cursor, encode_cursor, parse_limit
 
 MESSAGES_PER_CONVERSATION = 100
 MAX_PAGE = 100

@@ -15,10 +15,15 @@ import asyncpg
 
 from services.history import queries
 from services.history.schemas import ErasureReceipt
-from shared.contact_rows import lock_live_contact
+from shared.bus.events import (
+    ContactErased,
+    ContactErasedData,
+    ContactTokensRevoked,
+    TokensRevokedData,
+)
+from shared.bus.outbox import Outbox
 from shared.errors import not_found
-from shared.events import ContactErased, ContactErasedData, ContactTokensRevoked, TokensRevokedData
-from shared.outbox import Outbox
+from shared.identity.contacts import lock_live_contact
 
 
 async def erase_contact(

@@ -12,9 +12,9 @@ import asyncpg
 from prometheus_client import Counter
 
 from services.history import merges
-from shared.consumer import Batched, BatchHandler, Handler
-from shared.events import Event, HistoryMergeRequested
-from shared.outbox import Outbox
+from shared.bus.consumer import Batched, BatchHandler, Handler
+from shared.bus.events import Event, HistoryMergeRequested
+from shared.bus.outbox import Outbox
 
 GROUP = "history"
 

@@ -20,9 +20,7 @@ import asyncpg
 
 from services.history import queries
 from services.history.schemas import ContactMerge, MergeOut, Scope
-from shared.contact_rows import contact_is_live
-from shared.errors import Problem, WidgetIdentityError, not_found, validation_failed
-from shared.events import (
+from shared.bus.events import (
     HistoryMerged,
     HistoryMergeRequested,
     HistoryMergeUndone,
@@ -30,7 +28,9 @@ from shared.events import (
     MergeRequestedData,
     MergeUndoneData,
 )
-from shared.outbox import Outbox
+from shared.bus.outbox import Outbox
+from shared.errors import Problem, WidgetIdentityError, not_found, validation_failed
+from shared.identity.contacts import contact_is_live
 
 log = logging.getLogger(__name__)
 

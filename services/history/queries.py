@@ -1,5 +1,5 @@
 """Every SQL statement of the history service (the contact-row reads and locks it shares
-with token issuance are in shared.contact_rows).
+with token issuance are in shared.identity.contacts).
 
 Lock order, shared by everything that moves or removes history so no two transactions can
 wait on each other in a cycle: the merge row, then the scope advisory locks (sorted by key),

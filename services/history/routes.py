@@ -25,15 +25,16 @@ from services.history.schemas import (
     contact_merge_decoder,
     create_conversation_decoder,
 )
-from shared.auth import API_KEYS, ApiKeyPrincipal
+from shared.bus.outbox import OUTBOX
+from shared.config import SETTINGS
 from shared.db import DB_POOL, in_transaction
 from shared.errors import Problem, not_found
-from shared.http import SETTINGS, decode_body, json_response, parse_uuid
-from shared.openapi import Content, Query, operation
-from shared.outbox import OUTBOX
-from shared.pagination import MAX_CURSOR_LENGTH
+from shared.identity.api_keys import API_KEYS, ApiKeyPrincipal
+from shared.identity.revocation import announce_revocation
 from shared.redis import REDIS
-from shared.revocation import announce_revocation
+from shared.web.http import decode_body, json_response, parse_uuid
+from shared.web.openapi import Content, Query, operation
+from shared.web.pagination import MAX_CURSOR_LENGTH
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,14 @@ from services.session_resolution.deps import (
     SessionConfig,
 )
 from services.session_resolution.routes import add_routes
-from shared.config import Settings
-from shared.consumer import add_consumer
-from shared.http import SETTINGS
-from shared.policy import install_policies
-from shared.ratelimit import RateLimiter
+from shared.bus.consumer import add_consumer
+from shared.config import SETTINGS, Settings
+from shared.identity.contact_tokens import install_verifier
+from shared.identity.org_policy import install_policies
+from shared.identity.widget_tokens import install_widget_tokens
 from shared.redis import REDIS
 from shared.service import service_app
-from shared.tokens import install_verifier
-from shared.widget import install_widget_tokens
+from shared.web.ratelimit import RateLimiter
 
 NAME = "session-resolution"
 

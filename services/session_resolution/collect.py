@@ -1,6 +1,6 @@
 """The ``collect`` block: what the widget should ask before chat and what it may prefill, and
 validation of the extra fields a browser sends back. Pure rules over the widget token's
-settings (``shared.widget.WidgetSettings``); no I/O.
+settings (``shared.identity.widget_tokens.WidgetSettings``); no I/O.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from services.session_resolution.identity import EMAIL_MAX, NAME_MAX, Attribute, Scalar, is_email
 from services.session_resolution.schemas import CollectFieldOut, CollectOut
 from shared.errors import validation_failed
-from shared.widget import ExtraField, WidgetSettings
+from shared.identity.widget_tokens import ExtraField, WidgetSettings
 
 _BUILT_IN = (
     CollectFieldOut(name="name", label="Name", type="text", required=True, max_length=NAME_MAX),

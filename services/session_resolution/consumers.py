@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncpg
 
 from services.session_resolution import queries
-from shared.consumer import Handler
-from shared.events import ContactTokensRevoked, Event, SessionEnded, SessionEndedData
-from shared.outbox import Outbox
+from shared.bus.consumer import Handler
+from shared.bus.events import ContactTokensRevoked, Event, SessionEnded, SessionEndedData
+from shared.bus.outbox import Outbox
 
 GROUP = "session-resolution"
 

@@ -12,9 +12,9 @@ import asyncpg
 from aiohttp import web
 
 from services.session_resolution.cache import SessionCache
-from shared.outbox import Outbox
-from shared.ratelimit import RateLimiter
-from shared.tokens import ContactTokenVerifier
+from shared.bus.outbox import Outbox
+from shared.identity.contact_tokens import ContactTokenVerifier
+from shared.web.ratelimit import RateLimiter
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Who a visitor is and how far to trust it: the pure rules of DESIGN.md section 2 and 3.
+"""Who a visitor is and how far to trust it: the pure rules behind the identity levels and promises 1-3 and 7 (docs/promises.md).
 
 No I/O here. The caller hands in what a *verified contact token* said (``ServerIdentity``, or
 None when no token was presented) and what the browser sent; these functions decide the
@@ -200,7 +200,7 @@ def resolve(
     )
     signed = server_values(server)
     # Browser values under a signed key are discarded, not just hidden: stored values must
-    # equal the signed claims (RELIABILITY 15).
+    # equal the signed claims (promise 7).
     browser_only = {k: v for k, v in values.items() if k not in signed}
     attributes = {k: Attribute(v, "browser", False) for k, v in browser_only.items()}
     attributes.update({k: Attribute(v, "server", True) for k, v in signed.items()})

@@ -50,8 +50,7 @@ from services.session_resolution.session_tokens import (
     unwrap_session_token,
     wrap_session_token,
 )
-from shared.db import in_transaction
-from shared.events import (
+from shared.bus.events import (
     HistoryMergeRequested,
     MergeRequestedData,
     SessionResolved,
@@ -59,9 +58,10 @@ from shared.events import (
     VisitorCreated,
     VisitorCreatedData,
 )
-from shared.policy import OrgPolicy
+from shared.db import in_transaction
+from shared.identity.org_policy import OrgPolicy
+from shared.identity.widget_tokens import WidgetToken
 from shared.redis import TRANSIENT_REDIS_ERRORS
-from shared.widget import WidgetToken
 
 log = logging.getLogger(__name__)
 

@@ -55,17 +55,18 @@ from services.session_resolution.session_access import (
     unbind_visitor,
 )
 from services.session_resolution.session_tokens import token_hash
-from shared.auth import API_KEYS
+from shared.bus.outbox import OUTBOX
+from shared.config import SETTINGS
 from shared.db import DB_POOL
 from shared.errors import Problem, not_found, validation_failed
-from shared.http import SETTINGS, bearer_token, decode_body, json_response, parse_uuid
-from shared.openapi import Content, Query, operation
-from shared.outbox import OUTBOX
-from shared.pagination import MAX_CURSOR_LENGTH, decode_cursor, encode_cursor, parse_limit
-from shared.policy import POLICIES, OrgPolicy
-from shared.ratelimit import Limit
-from shared.tokens import CONTACT_TOKENS
-from shared.widget import WIDGET_TOKENS, WidgetToken, normalize_origin
+from shared.identity.api_keys import API_KEYS
+from shared.identity.contact_tokens import CONTACT_TOKENS
+from shared.identity.org_policy import POLICIES, OrgPolicy
+from shared.identity.widget_tokens import WIDGET_TOKENS, WidgetToken, normalize_origin
+from shared.web.http import bearer_token, decode_body, json_response, parse_uuid
+from shared.web.openapi import Content, Query, operation
+from shared.web.pagination import MAX_CURSOR_LENGTH, decode_cursor, encode_cursor, parse_limit
+from shared.web.ratelimit import Limit
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _NO_STORE = {"Cache-Control": "no-store"}  # bodies carry bearer tokens

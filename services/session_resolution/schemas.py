@@ -1,7 +1,7 @@
 """Request and response bodies of the session endpoints (msgspec Structs, camelCase on the wire).
 
 Every request field has an explicit size limit so a hostile body is refused while decoding,
-before any work or write (RELIABILITY 30).
+before any work or write.
 """
 
 from __future__ import annotations

@@ -28,14 +28,14 @@ from services.session_resolution.session_tokens import (
     new_visitor_token,
     token_hash,
 )
-from shared.db import in_transaction
-from shared.errors import Problem
-from shared.events import (
+from shared.bus.events import (
     SessionEnded,
     SessionEndedData,
     VisitorCreated,
     VisitorCreatedData,
 )
+from shared.db import in_transaction
+from shared.errors import Problem
 
 
 def invalid_session_token() -> Problem:

@@ -1,6 +1,6 @@
 """Org API keys: created with scopes (shown once, stored as a hash), revoked by id.
 
-Checking a key on a request is shared.auth's job (every service does it the same way).
+Checking a key on a request is shared.identity.api_keys's job (every service does it the same way).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import asyncpg
 
 from services.token_issuance import queries
 from services.token_issuance.schemas import ApiKeyCreated, ApiKeyRevoked, CreateApiKeyRequest
-from shared.auth import SCOPES, generate_api_key
 from shared.db import in_transaction
 from shared.errors import not_found, validation_failed
+from shared.identity.api_keys import SCOPES, generate_api_key
 
 
 def check_scopes(scopes: list[str]) -> list[str]:

@@ -7,13 +7,12 @@ from aiohttp import web
 from services.token_issuance import routes
 from services.token_issuance.deps import JWKS, KEYRING, JwksCache
 from services.token_issuance.keyring import Keyring
-from shared.config import Settings
+from shared.config import SETTINGS, Settings
 from shared.db import DB_POOL
 from shared.errors import ConfigError
-from shared.http import SETTINGS
-from shared.policy import install_policies
+from shared.identity.contact_tokens import CONTACT_TOKENS, install_verifier
+from shared.identity.org_policy import install_policies
 from shared.service import service_app
-from shared.tokens import CONTACT_TOKENS, install_verifier
 
 NAME = "token-issuance"
 

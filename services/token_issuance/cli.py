@@ -27,9 +27,9 @@ from services.token_issuance.schemas import (
 from shared import db
 from shared.config import Settings
 from shared.errors import Problem, validation_failed
-from shared.http import parse_uuid
+from shared.identity.revocation import announce_key_added, announce_key_deleted
 from shared.redis import create_redis
-from shared.revocation import announce_key_added, announce_key_deleted
+from shared.web.http import parse_uuid
 
 T = TypeVar("T")
 Work = Callable[[asyncpg.Pool, Settings], Awaitable[Any]]

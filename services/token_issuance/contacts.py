@@ -34,19 +34,19 @@ from services.token_issuance.schemas import (
     TokensRevokedResponse,
 )
 from services.token_issuance.signing_keys import sign_contact_token
-from shared.config import Settings
-from shared.contact_rows import lock_live_contact
-from shared.db import in_transaction
-from shared.errors import Problem, not_found, validation_failed
-from shared.events import (
+from shared.bus.events import (
     ContactAuthenticated,
     ContactAuthenticatedData,
     ContactTokensRevoked,
     TokensRevokedData,
 )
-from shared.outbox import Outbox, late
-from shared.policy import DEFAULT_TOKEN_TTL_SECONDS, OrgPolicy
-from shared.tokens import MAX_TOKEN_BYTES
+from shared.bus.outbox import Outbox, late
+from shared.config import Settings
+from shared.db import in_transaction
+from shared.errors import Problem, not_found, validation_failed
+from shared.identity.contact_tokens import MAX_TOKEN_BYTES
+from shared.identity.contacts import lock_live_contact
+from shared.identity.org_policy import DEFAULT_TOKEN_TTL_SECONDS, OrgPolicy
 
 # Pragmatic ASCII address check (RFC 5321 sizes); internationalised addresses are refused
 # rather than guessed at, because the lower-cased address is an identity key.

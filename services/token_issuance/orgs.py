@@ -17,7 +17,7 @@ from services.token_issuance.schemas import (
 from services.token_issuance.signing_keys import add_signing_key
 from shared.db import in_transaction
 from shared.errors import not_found, validation_failed
-from shared.policy import (
+from shared.identity.org_policy import (
     DEFAULT_POLICY,
     merge_patch,
     parse_policy,

@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from shared.outbox import EventInsert
+from shared.bus.outbox import EventInsert
 
 Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
 Row: TypeAlias = asyncpg.Record

@@ -30,17 +30,18 @@ from services.token_issuance.schemas import (
     create_widget_token_decoder,
     update_org_decoder,
 )
-from shared.auth import API_KEYS, require_admin
+from shared.bus.outbox import OUTBOX
+from shared.config import SETTINGS
 from shared.db import DB_POOL
 from shared.errors import not_found
-from shared.http import SETTINGS, decode_body, json_response, parse_uuid
-from shared.openapi import Query, operation
-from shared.outbox import OUTBOX
-from shared.policy import POLICIES
-from shared.ratelimit import Limit, RateLimiter
+from shared.identity.api_keys import API_KEYS, require_admin
+from shared.identity.contact_tokens import CONTACT_TOKENS, KID_PATTERN
+from shared.identity.org_policy import POLICIES
+from shared.identity.revocation import announce_key_added, announce_key_deleted, announce_revocation
 from shared.redis import REDIS
-from shared.revocation import announce_key_added, announce_key_deleted, announce_revocation
-from shared.tokens import CONTACT_TOKENS, KID_PATTERN
+from shared.web.http import decode_body, json_response, parse_uuid
+from shared.web.openapi import Query, operation
+from shared.web.ratelimit import Limit, RateLimiter
 
 # --- for customer backends -----------------------------------------------------------------
 

@@ -10,10 +10,10 @@ from typing import Annotated, Any
 
 import msgspec
 
-from shared.policy import MAX_TOKEN_TTL_SECONDS, MIN_TOKEN_TTL_SECONDS, OrgPolicy
+from shared.identity.contact_tokens import KID_PATTERN
+from shared.identity.org_policy import MAX_TOKEN_TTL_SECONDS, MIN_TOKEN_TTL_SECONDS, OrgPolicy
+from shared.identity.widget_tokens import MAX_ORIGINS, WidgetSettings
 from shared.timestamps import Timestamp
-from shared.tokens import KID_PATTERN
-from shared.widget import MAX_ORIGINS, WidgetSettings
 
 OrgName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 # A signing key id in a path; anything else is simply not found.

@@ -24,7 +24,7 @@ from services.token_issuance import queries
 from services.token_issuance.schemas import SigningKeyDeleted, SigningKeyInfo
 from shared.db import in_transaction
 from shared.errors import ConfigError, Problem, not_found
-from shared.tokens import TOKEN_TYPE
+from shared.identity.contact_tokens import TOKEN_TYPE
 
 _FORMAT_V1 = b"\x01"
 _NONCE_BYTES = 12

@@ -1,5 +1,5 @@
 """Widget tokens: the public embed token of an org's widget, with its allowed origins and
-settings. Stored as a SHA-256 hash (shared.auth.hash_secret) plus a display prefix, so
+settings. Stored as a SHA-256 hash (shared.identity.api_keys.hash_secret) plus a display prefix, so
 session resolution looks a token up by ``hash_secret(token)``."""
 
 from __future__ import annotations
@@ -11,10 +11,14 @@ import asyncpg
 
 from services.token_issuance import queries
 from services.token_issuance.schemas import CreateWidgetTokenRequest, WidgetTokenCreated
-from shared.auth import hash_secret
 from shared.db import in_transaction
 from shared.errors import not_found
-from shared.widget import check_widget_settings, normalize_origins, widget_settings_document
+from shared.identity.api_keys import hash_secret
+from shared.identity.widget_tokens import (
+    check_widget_settings,
+    normalize_origins,
+    widget_settings_document,
+)
 
 WIDGET_TOKEN_PREFIX = "wit_"
 

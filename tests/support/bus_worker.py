@@ -14,10 +14,10 @@ import signal
 
 import asyncpg
 
+from shared.bus.consumer import StreamConsumer
+from shared.bus.events import VisitorCreated
 from shared.config import Settings
-from shared.consumer import StreamConsumer
 from shared.db import create_pool
-from shared.events import VisitorCreated
 from shared.redis import create_redis
 
 GROUP = "bus-test"

@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from services.history import app as history
-from shared.auth import generate_api_key
+from shared.bus.events import EVENT_FIELD, HistoryMergeRequested, MergeRequestedData, encode_event
+from shared.bus.outbox import Outbox
 from shared.config import Settings
-from shared.events import EVENT_FIELD, HistoryMergeRequested, MergeRequestedData, encode_event
-from shared.outbox import Outbox
+from shared.identity.api_keys import generate_api_key
 from shared.service import service_app
 
 ALL_SCOPES = ("history:read", "history:write", "contacts:manage")

@@ -17,7 +17,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from shared.devstack import DevServers
+from devstack import DevServers
 from tests.support.proxy import FaultProxy
 from tests.support.server import Api
 

@@ -7,9 +7,9 @@ import asyncio
 from aiohttp import web
 
 from shared.config import Settings
-from shared.http import json_response
 from shared.lifecycle import serve
 from shared.service import service_app
+from shared.web.http import json_response
 
 
 async def slow(request: web.Request) -> web.Response:

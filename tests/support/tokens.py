@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shared.auth import SCOPES
+from shared.identity.api_keys import SCOPES
 from tests.conftest import ADMIN_TOKEN
 from tests.support.server import Api
 
@@ -17,7 +17,7 @@ from tests.support.server import Api
 @dataclass(frozen=True, slots=True)
 class OrgFixture:
     org_id: str
-    api_key: str  # carries every scope in shared.auth.SCOPES
+    api_key: str  # carries every scope in shared.identity.api_keys.SCOPES
     api_key_id: str
     widget_token: str
     widget_token_id: str

@@ -14,7 +14,7 @@ from shared.timestamps import Timestamp
 
 
 class Event(msgspec.Struct, kw_only=True, frozen=True, rename="camel", tag_field="type"):
-    """The envelope (DESIGN.md section 5). Subclasses add a typed ``data``."""
+    """The envelope (docs/architecture.md, "Events"). Subclasses add a typed ``data``."""
 
     id: str
     version: int = 1

@@ -1,6 +1,6 @@
 """Bounded event streams: what every consumer group has acknowledged is trimmed once it is
 older than ``STREAM_RETENTION_SECONDS``; an entry still pending in some group, or not yet
-delivered to it, is never removed (RELIABILITY 21). Without this the stream, and Redis's
+delivered to it, is never removed. Without this the stream, and Redis's
 memory, grows with every event ever published.
 
 Every process that runs the outbox relay also runs this (every ``STREAM_TRIM_INTERVAL``
@@ -19,8 +19,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import ResponseError
 
-from shared.config import Settings
-from shared.http import SETTINGS
+from shared.config import SETTINGS, Settings
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
 from shared.observability import STREAM_ENTRIES, STREAM_TRIMMED
 from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS, as_str

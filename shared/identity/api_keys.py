@@ -18,9 +18,10 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from shared.config import SETTINGS
 from shared.db import DB_POOL
 from shared.errors import Problem, insufficient_scope, invalid_api_key
-from shared.http import SETTINGS, bearer_token
+from shared.web.http import bearer_token
 
 API_KEY_PREFIX = "wik_"
 _API_KEY = re.compile(r"^wik_[A-Za-z0-9_-]{43}$")

@@ -1,7 +1,7 @@
 """Operator tools for the dead-letter streams (``widget-identity dlq list|replay``).
 
 A consumer parks a message it gave up on (after CONSUMER_MAX_DELIVERIES) in
-``<prefix>events:dlq:<group>``, atomically with its ack (see shared.consumer); these list
+``<prefix>events:dlq:<group>``, atomically with its ack (see shared.bus.consumer); these list
 and replay them.
 """
 
@@ -12,9 +12,9 @@ import time
 
 import redis.asyncio as aioredis
 
+from shared.bus.consumer import stream_entries
+from shared.bus.events import EVENT_FIELD
 from shared.config import Settings
-from shared.consumer import stream_entries
-from shared.events import EVENT_FIELD
 from shared.redis import as_str
 
 log = logging.getLogger(__name__)

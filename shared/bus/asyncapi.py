@@ -1,6 +1,6 @@
 """The AsyncAPI document for outside consumers, generated from the msgspec event types.
 
-``python -m shared.asyncapi > docs/asyncapi.json`` regenerates the committed copy; a test
+``python -m shared.bus.asyncapi > docs/asyncapi.json`` regenerates the committed copy; a test
 fails when an event type changes and the document was not regenerated, so the published
 contract cannot drift from the code.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from shared.events import EVENT_FIELD, EVENT_TYPES
+from shared.bus.events import EVENT_FIELD, EVENT_TYPES
 
 
 def document() -> dict[str, Any]:

@@ -26,8 +26,8 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from shared.auth import hash_secret
 from shared.errors import validation_failed
+from shared.identity.api_keys import hash_secret
 
 FIELD_NAME_PATTERN = r"^[a-zA-Z][a-zA-Z0-9_]{0,39}$"
 # Collected natively by the widget; an extra field with these names would shadow them.

@@ -23,9 +23,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from shared import db
-from shared.config import Settings
-from shared.events import EVENT_FIELD, Event
-from shared.http import SETTINGS
+from shared.bus.events import EVENT_FIELD, Event
+from shared.config import SETTINGS, Settings
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
 from shared.observability import EVENTS_PUBLISHED, OUTBOX_BACKLOG, traceparent_var
 from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS
@@ -195,7 +194,7 @@ class OutboxRelay:
     """Publishes committed outbox rows to their streams; one leader among all replicas."""
 
     # Retry pauses, capped well below 10 s: events flow again within seconds of Postgres and
-    # Redis coming back after an outage of any length (RELIABILITY.md 23).
+    # Redis coming back after an outage of any length (see tests/test_faults.py).
     _MIN_BACKOFF = 0.5
     _MAX_BACKOFF = 4.0
 

@@ -33,13 +33,12 @@ import msgspec
 from aiohttp import web
 from prometheus_client import Counter
 
-from shared.config import Settings
+from shared.config import SETTINGS, Settings
 from shared.db import DB_POOL, TRANSIENT_DB_ERRORS
 from shared.errors import Problem
-from shared.http import SETTINGS
+from shared.identity.revocation import RevocationCache, RevocationListener
 from shared.lifecycle import add_worker
 from shared.redis import WORKER_REDIS
-from shared.revocation import RevocationCache, RevocationListener
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,7 @@ import redis.exceptions
 from aiohttp import web
 
 from shared import db
-from shared.config import Settings
-from shared.events import (
+from shared.bus.events import (
     EVENT_FIELD,
     AnyEvent,
     Event,
@@ -44,10 +43,10 @@ from shared.events import (
     event_decoder,
     header_decoder,
 )
-from shared.http import SETTINGS
+from shared.bus.outbox import OUTBOX, Outbox
+from shared.config import SETTINGS, Settings
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
 from shared.observability import EVENT_LAG, EVENTS_CONSUMED
-from shared.outbox import OUTBOX, Outbox
 from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS, as_str, block_within_timeout
 
 log = logging.getLogger(__name__)
@@ -195,7 +194,7 @@ class StreamConsumer:
                 )
                 await sleep_or_stop(stop, backoff)
                 # Capped well below 10 s: after an outage of any length the consumer is
-                # back within seconds of its dependency (RELIABILITY.md 23).
+                # back within seconds of its dependency (see tests/test_faults.py).
                 backoff = min(backoff * 2, 4.0)
             except redis.exceptions.ResponseError as exc:
                 if "NOGROUP" not in str(exc):

@@ -13,7 +13,7 @@ serves (a single service, or the all-in-one composition), and renders every body
 with ``msgspec.json.schema_components``: there is no second, hand-kept copy of a schema to
 drift. Error statuses the decorator cannot get wrong are added from what the operation does
 (a JSON body can be 400/413/415/422; an API key 401/403; a backend outage 503), and every error
-response is an RFC 9457 ``Problem``. ``shared.apidocs`` serves the document and its docs page.
+response is an RFC 9457 ``Problem``. ``shared.web.apidocs`` serves the document and its docs page.
 """
 
 from __future__ import annotations

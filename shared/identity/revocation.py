@@ -37,14 +37,14 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
-from shared.config import Settings
-from shared.events import (
+from shared.bus.events import (
     EVENT_FIELD,
     ContactErased,
     ContactTokensRevoked,
     event_decoder,
     header_decoder,
 )
+from shared.config import Settings
 from shared.lifecycle import sleep_or_stop
 from shared.redis import TRANSIENT_REDIS_ERRORS, block_within_timeout
 
@@ -228,7 +228,7 @@ class RevocationListener:
         finally:
             self._cache.live = False
             with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed only in newer redis-py
 
     async def _stream_tail(self) -> bytes:
         entries = cast(list[tuple[bytes, Any]], await self._redis.xrevrange(self._stream, count=1))

@@ -13,18 +13,19 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from shared import apidocs, db, openapi
+from shared import db
 from shared import redis as redis_mod
-from shared.config import Settings
+from shared.config import SETTINGS, Settings
 from shared.errors import Problem, unavailable, validation_failed
+from shared.lifecycle import READINESS, SERVICE_NAME, Readiness
 from shared.observability import HTTP_IN_FLIGHT, HTTP_LATENCY, HTTP_REQUESTS, request_id_var
+from shared.web import apidocs, openapi
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,6 @@ PROBLEM_JSON = "application/problem+json"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 _encoder = msgspec.json.Encoder()
-
-
-@dataclass
-class Readiness:
-    """What /readyz reports: draining after SIGTERM, else every dependency's ping."""
-
-    draining: bool = False
-    checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
-
-
-SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
-READINESS: web.AppKey[Readiness] = web.AppKey("readiness", Readiness)
-SERVICE_NAME: web.AppKey[str] = web.AppKey("service_name", str)
 
 
 def json_response(

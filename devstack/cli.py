@@ -1,4 +1,4 @@
-"""`python -m shared.devstack`: run the servers in the foreground for `make run`."""
+"""`python -m devstack`: run the servers in the foreground for `make run`."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from .servers import dev_servers
 
 
 def main() -> None:
-    """`python -m shared.devstack [--data-dir DIR]`: print the URLs as JSON, run until signalled."""
+    """`python -m devstack [--data-dir DIR]`: print the URLs as JSON, run until signalled."""
     # The package docstring is the help text; imported here because the package imports us.
-    from shared import devstack
+    import devstack
 
     parser = argparse.ArgumentParser(
-        prog="python -m shared.devstack",
+        prog="python -m devstack",
         description=devstack.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from shared import openapi
+from shared.web import openapi
 
 
 @dataclass
@@ -35,7 +35,7 @@ _DOCS_PAGE = "openapi_docs.html"
 def docs_page() -> tuple[bytes, str]:
     """The docs page and its Content-Security-Policy. The policy allows exactly the page's own
     inline script and style (by hash) and requests to this origin: nothing else loads."""
-    page = resources.files("shared").joinpath(_DOCS_PAGE).read_bytes()
+    page = resources.files("shared.web").joinpath(_DOCS_PAGE).read_bytes()
     text = page.decode()
 
     def hashes(tag: str) -> str:

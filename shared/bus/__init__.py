@@ -1,0 +1,1 @@
+"""The event bus: the contract on Redis Streams, the transactional outbox and its relay, consumer groups, dead letters and retention. Stands on the process layer (config, db, redis, lifecycle), never on the web layer."""
