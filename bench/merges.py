@@ -20,7 +20,8 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from shared.bus.events import HistoryMergeRequested, MergeRequestedData
-from shared.bus.outbox import Outbox, OutboxRelay
+from shared.bus.outbox import Outbox
+from shared.bus.relay import OutboxRelay
 from shared.config import Settings
 from shared.db import create_pool
 from shared.redis import create_redis

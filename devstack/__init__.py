@@ -21,6 +21,14 @@ from __future__ import annotations
 
 from .cli import main
 from .errors import DevStackError
-from .servers import DevServers, dev_servers
+from .redis import ThrowawayRedis
+from .servers import DevServers, dev_servers, throwaway_redis
 
-__all__ = ["DevServers", "DevStackError", "dev_servers", "main"]
+__all__ = [
+    "DevServers",
+    "DevStackError",
+    "ThrowawayRedis",
+    "dev_servers",
+    "main",
+    "throwaway_redis",
+]

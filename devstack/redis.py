@@ -8,7 +8,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from .processes import _await_ready, _RunAs, _spawn
+from .processes import _await_ready, _RunAs, _spawn, _stop_child
 
 _REDIS_STOP = (signal.SIGTERM, signal.SIGKILL)
 
@@ -50,3 +50,36 @@ def _start_redis(
     return _await_ready(
         proc, lambda: _redis_ready(sock), what="Redis", log_file=log_file, stop_signals=_REDIS_STOP
     )
+
+
+class ThrowawayRedis:
+    """One private, non-persistent Redis for fault tests: killed and started again at will on
+    the same socket. A restart comes back empty — unless ``SAVE`` wrote ``dump.rdb`` into its
+    directory, which it then loads: the state of a replica that lagged behind at that
+    moment."""
+
+    def __init__(self, binary: Path, workdir: Path) -> None:
+        self._binary = binary
+        self.workdir = workdir
+        self.sock = workdir / "redis.sock"
+        self._log = workdir / "redis.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.sock}"
+
+    def start(self) -> None:
+        self._proc = _start_redis(self._binary, self.workdir, self.sock, self._log, False)
+
+    def kill(self) -> None:
+        """SIGKILL: nothing is flushed or saved on the way down."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(10)
+            self._proc = None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            _stop_child(self._proc, _REDIS_STOP)
+            self._proc = None

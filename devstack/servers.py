@@ -18,7 +18,22 @@ from .directories import _MARKER, _exclusive, _stale_pidfile, _sweep
 from .errors import DevStackError
 from .postgres import _PG_STOP, _data_version, _initdb, _persistent_pgdata, _start_postgres
 from .processes import _chown, _run_as_for, _start_time, _stop_child
-from .redis import _REDIS_STOP, _start_redis
+from .redis import _REDIS_STOP, ThrowawayRedis, _start_redis
+
+
+@contextlib.contextmanager
+def throwaway_redis(*, log: Callable[[str], None] = print) -> Iterator[ThrowawayRedis]:
+    """A private Redis of its own (for tests that kill it), started; stopped and removed on
+    exit."""
+    binary, _ = _find_redis(log)
+    base = Path(tempfile.mkdtemp(prefix="wi-r-", dir="/tmp"))  # short: socket path limit
+    server = ThrowawayRedis(binary, base)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @dataclasses.dataclass(frozen=True)

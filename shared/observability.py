@@ -87,6 +87,10 @@ HTTP_LATENCY = Histogram(
 )
 HTTP_IN_FLIGHT = Gauge("wi_http_requests_in_flight", "HTTP requests being handled")
 EVENTS_PUBLISHED = Counter("wi_events_published_total", "Events the outbox relay published")
+EVENTS_REDRIVEN = Counter(
+    "wi_events_redriven_total",
+    "Published events put back in the outbox because Redis lost them",
+)
 OUTBOX_BACKLOG = Gauge("wi_outbox_backlog", "Unpublished outbox rows seen by the relay")
 STREAM_ENTRIES = Gauge("wi_stream_entries", "Entries in the events stream after the last trim")
 STREAM_TRIMMED = Counter(

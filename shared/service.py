@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from shared.bus.outbox import OUTBOX, Outbox, add_relay
+from shared.bus.outbox import OUTBOX, Outbox
+from shared.bus.relay import add_relay
 from shared.bus.retention import add_stream_retention
 from shared.config import Settings
 from shared.identity.api_keys import API_KEYS, ApiKeyAuthenticator

@@ -33,7 +33,8 @@ from shared.bus.events import (
     VisitorCreatedData,
     event_decoder,
 )
-from shared.bus.outbox import Outbox, OutboxRelay, late
+from shared.bus.outbox import Outbox, late
+from shared.bus.relay import OutboxRelay
 from shared.config import Settings
 from shared.db import create_pool
 from shared.redis import create_redis

@@ -8,7 +8,6 @@ the mark publishes the row again: consumers are idempotent by event id, so that 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import secrets
@@ -19,15 +18,10 @@ from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
-import redis.asyncio as aioredis
 from aiohttp import web
 
-from shared import db
-from shared.bus.events import EVENT_FIELD, Event
-from shared.config import SETTINGS, Settings
-from shared.lifecycle import Worker, add_worker, sleep_or_stop
-from shared.observability import EVENTS_PUBLISHED, OUTBOX_BACKLOG, traceparent_var
-from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS
+from shared.bus.events import Event
+from shared.observability import traceparent_var
 
 log = logging.getLogger(__name__)
 
@@ -190,120 +184,4 @@ class Outbox:
         return EventInsert(ctes=ctes, params=params, seq_cte=seq_cte, event=event)
 
 
-class OutboxRelay:
-    """Publishes committed outbox rows to their streams; one leader among all replicas."""
-
-    # Retry pauses, capped well below 10 s: events flow again within seconds of Postgres and
-    # Redis coming back after an outage of any length (see tests/test_faults.py).
-    _MIN_BACKOFF = 0.5
-    _MAX_BACKOFF = 4.0
-
-    def __init__(
-        self,
-        settings: Settings,
-        redis: aioredis.Redis,
-        *,
-        poll_interval: float = 1.0,
-        retention_hours: int = 24,
-    ) -> None:
-        self._settings = settings
-        self._redis = redis
-        self._batch = settings.relay_batch
-        self._poll_interval = poll_interval
-        self._retention_hours = retention_hours
-        self._wake = asyncio.Event()
-        # Pause before retrying after an outage; reset by every batch that goes through, so
-        # it only grows within one outage (it used to grow for the process's lifetime).
-        self._backoff = self._MIN_BACKOFF
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self._lead_while_possible(stop)
-                self._backoff = self._MIN_BACKOFF
-            except (*db.TRANSIENT_DB_ERRORS, *TRANSIENT_REDIS_ERRORS) as exc:
-                log.warning("outbox relay interrupted; retrying", extra={"error": repr(exc)})
-                await sleep_or_stop(stop, self._backoff)
-                self._backoff = min(self._backoff * 2, self._MAX_BACKOFF)
-
-    async def _lead_while_possible(self, stop: asyncio.Event) -> None:
-        conn = await asyncpg.connect(self._settings.database_url, timeout=10)
-        try:
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK_KEY):
-                # Someone else leads; check again later (their connection dying frees the lock).
-                if await sleep_or_stop(stop, 5 * self._poll_interval):
-                    return
-            await conn.add_listener(_NOTIFY_CHANNEL, self._on_notify)
-            log.info("outbox relay is leader")
-            pruned_at = 0.0
-            loop = asyncio.get_running_loop()
-            while not stop.is_set():
-                published = await self.publish_batch(conn)
-                self._backoff = self._MIN_BACKOFF
-                if loop.time() - pruned_at > 60:
-                    await self._prune(conn)
-                    pruned_at = loop.time()
-                if published < self._batch:
-                    self._wake.clear()
-                    waiter = asyncio.ensure_future(self._wake.wait())
-                    stopper = asyncio.ensure_future(stop.wait())
-                    try:
-                        await asyncio.wait(
-                            {waiter, stopper},
-                            timeout=self._poll_interval,
-                            return_when=asyncio.FIRST_COMPLETED,
-                        )
-                    finally:
-                        waiter.cancel()
-                        stopper.cancel()
-        finally:
-            await conn.close(timeout=5)
-
-    def _on_notify(self, *_: object) -> None:
-        self._wake.set()
-
-    async def publish_batch(self, conn: asyncpg.Connection) -> int:
-        async with conn.transaction():
-            rows = await conn.fetch(
-                """SELECT id, stream, payload FROM outbox
-                   WHERE published_at IS NULL ORDER BY id LIMIT $1""",
-                self._batch,
-            )
-            if not rows:
-                OUTBOX_BACKLOG.set(0)
-                return 0
-            pipe = self._redis.pipeline(transaction=False)
-            for row in rows:
-                pipe.xadd(row["stream"], {EVENT_FIELD: row["payload"]})
-            await pipe.execute()
-            await conn.execute(
-                "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
-                [row["id"] for row in rows],
-            )
-        EVENTS_PUBLISHED.inc(len(rows))
-        OUTBOX_BACKLOG.set(len(rows))
-        return len(rows)
-
-    async def _prune(self, conn: asyncpg.Connection) -> None:
-        # Published rows are kept a while for audit and debugging, then removed in small
-        # batches from the oldest end (cheap: they sit at the start of the primary key).
-        await conn.execute(
-            """DELETE FROM outbox WHERE id IN (
-                   SELECT id FROM outbox
-                   WHERE published_at IS NOT NULL
-                     AND created_at < now() - make_interval(hours => $1)
-                   ORDER BY id LIMIT 5000)""",
-            self._retention_hours,
-        )
-
-
 OUTBOX: web.AppKey[Outbox] = web.AppKey("outbox", Outbox)
-
-
-def add_relay(app: web.Application) -> None:
-    """Run the outbox relay in this process (it only publishes while it holds the lock)."""
-
-    def factory(app: web.Application) -> Worker:
-        return OutboxRelay(app[SETTINGS], app[WORKER_REDIS]).run
-
-    add_worker(app, "outbox-relay", factory)

@@ -29,24 +29,28 @@ log = logging.getLogger(__name__)
 StreamId = tuple[int, int]
 
 
+# Above any id Redis generates (ms since the epoch).
+_PAST_EVERY_ID: StreamId = (2**62, 0)
+
+
 def parse_id(raw: bytes | str) -> StreamId:
     text = raw.decode() if isinstance(raw, bytes) else raw
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
 
 
-async def trim_bound(redis: aioredis.Redis, stream: str, *, retention_ms: int) -> StreamId:
-    """The lowest id that must stay: entries below it are old enough and acknowledged by
-    every group. A group's oldest pending entry stays (it may be retried or reclaimed), and
-    so does everything after its last-delivered id (not read yet)."""
-    now_ms = int(time.time() * 1000)
-    bound: StreamId = (max(0, now_ms - retention_ms), 0)
+async def acknowledged_bound(redis: aioredis.Redis, stream: str) -> StreamId | None:
+    """The lowest id some consumer group may still need: entries below it were delivered to
+    and acknowledged by every group. A group's oldest pending entry counts (it may be retried
+    or reclaimed), and so does everything after its last-delivered id (not read yet). With no
+    group, nothing is needed: the bound is past every id. None when the stream is missing."""
     try:
         groups = await redis.xinfo_groups(stream)
     except ResponseError as exc:
         if "no such key" in str(exc).lower():
-            return (0, 0)  # no stream yet: nothing to trim
+            return None
         raise
+    bound: StreamId = _PAST_EVERY_ID
     for group in groups:
         # Everything up to last-delivered was delivered; keeping that one entry too costs
         # nothing and needs no id arithmetic. Entries delivered after this snapshot have
@@ -70,6 +74,16 @@ async def trim_bound(redis: aioredis.Redis, stream: str, *, retention_ms: int) -
             )
         bound = min(bound, keep)
     return bound
+
+
+async def trim_bound(redis: aioredis.Redis, stream: str, *, retention_ms: int) -> StreamId:
+    """The lowest id that must stay: entries below it are old enough and acknowledged by
+    every group."""
+    now_ms = int(time.time() * 1000)
+    acknowledged = await acknowledged_bound(redis, stream)
+    if acknowledged is None:
+        return (0, 0)  # no stream yet: nothing to trim
+    return min((max(0, now_ms - retention_ms), 0), acknowledged)
 
 
 async def trim_stream(redis: aioredis.Redis, stream: str, *, retention_ms: int) -> int:
