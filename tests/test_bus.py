@@ -23,7 +23,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from shared.bus.consumer import Batched, StreamConsumer
+from shared.bus.consumer import StreamConsumer
 from shared.bus.dead_letters import dead_letters, replay_dead_letters
 from shared.bus.events import (
     EVENT_FIELD,
@@ -33,6 +33,7 @@ from shared.bus.events import (
     VisitorCreatedData,
     event_decoder,
 )
+from shared.bus.handlers import Batched
 from shared.bus.outbox import Outbox, OutboxRelay, late
 from shared.config import Settings
 from shared.db import create_pool
