@@ -2,7 +2,9 @@
 operator tools to list and replay them (``widget-identity dlq list|replay``).
 
 A message whose handling failed is retried until its CONSUMER_MAX_DELIVERIES-th delivery,
-then lands in ``<prefix>events:dlq:<group>`` atomically with its ack.
+unless it is poison (``PoisonMessage``: it can never succeed), which goes at once. Either
+way it lands in ``<prefix>events:dlq:<group>`` atomically with its ack, so it is never acked
+without its entry.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from datetime import UTC, datetime
 import redis.asyncio as aioredis
 
 from shared.bus.events import EVENT_FIELD
+from shared.bus.handlers import PoisonMessage
 from shared.bus.messages import Message, Outcome, stream_entries
 from shared.config import Settings
 from shared.redis import as_str
@@ -47,7 +50,7 @@ class FailurePolicy:
             "deliveries": deliveries,
             "error": repr(exc),
         }
-        if deliveries < self._max_deliveries:
+        if not isinstance(exc, PoisonMessage) and deliveries < self._max_deliveries:
             log.warning("event failed; will retry", extra=context)
             return Outcome.RETRY
         log.error("event dead-lettered", extra=context)

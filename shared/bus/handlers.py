@@ -33,4 +33,11 @@ class Batched:
 
 
 class PoisonMessage(Exception):
-    """The message can never be handled (undecodable); only dead-lettering helps."""
+    """The message can never be handled, however often it is delivered: its payload is
+    undecodable, or a handler raises this for an event it can never apply. The consumer
+    dead-letters it on the first such failure instead of retrying it, while the other
+    messages keep flowing. Any other exception from a handler counts as possibly transient:
+    the message is retried until CONSUMER_MAX_DELIVERIES deliveries, then dead-lettered.
+
+    Raised from a ``BatchHandler`` it cannot say which event is poison: the batch is rolled
+    back and each event applied alone, where the plain handler can raise it for its own."""
