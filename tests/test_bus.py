@@ -750,3 +750,22 @@ async def test_the_cli_lists_and_replays_dead_letters(
     assert await redis.xlen(dead) == 0
     replayed_events = [f[EVENT_FIELD] for _id, f in await redis.xrange(settings.events_stream)]
     assert replayed_events == [b'{"id":"e%d"}' % i for i in range(250)]  # in their order
+
+
+def test_the_bus_stands_on_the_process_layer_alone() -> None:
+    """No module of shared.bus pulls in the web layer or a service, even indirectly."""
+    probe = (
+        "import importlib, pkgutil, sys, shared.bus\n"
+        "for m in pkgutil.iter_modules(shared.bus.__path__):\n"
+        "    importlib.import_module('shared.bus.' + m.name)\n"
+        "print('\\n'.join(sys.modules))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "shared.bus.consumer" in loaded
+    assert [
+        m
+        for m in loaded
+        if m in ("shared.web", "services") or m.startswith(("shared.web.", "services."))
+    ] == []
