@@ -1,8 +1,8 @@
 """Promise 9: nothing is lost between Postgres and Redis, and nothing is applied twice.
 
 State changes commit together with an outbox row; the relay publishes it; consumers apply
-each event exactly once, in order per subject, and park poison messages in a dead-letter
-stream after N deliveries.
+each event exactly once, in order per subject, and park in a dead-letter stream an event that
+still fails after N deliveries, or at once one that never can succeed (poison).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from shared.bus.consumer import Batched, StreamConsumer
+from shared.bus.consumer import StreamConsumer
 from shared.bus.dead_letters import dead_letters, replay_dead_letters
 from shared.bus.events import (
     EVENT_FIELD,
@@ -33,6 +33,7 @@ from shared.bus.events import (
     VisitorCreatedData,
     event_decoder,
 )
+from shared.bus.handlers import Batched, PoisonMessage
 from shared.bus.outbox import Outbox, late
 from shared.bus.relay import OutboxRelay
 from shared.config import Settings
@@ -382,17 +383,19 @@ async def test_a_redelivered_event_is_applied_once(
     assert await effects.fetchval("SELECT count(*) FROM bus_effects") == 1
 
 
-async def test_poison_message_is_dead_lettered_after_n_deliveries_while_others_flow(
+async def test_a_failing_event_is_dead_lettered_after_n_deliveries_garbage_at_once_others_flow(
     settings: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
 ) -> None:
     bad_subject = "poison"
+    tries: list[str] = []
 
     async def handler(event: VisitorCreated, conn: asyncpg.Connection) -> None:
+        tries.append(event.subject)
         if event.subject == bad_subject:
             raise ValueError("this event can never be applied")
         await effect_handler(0)(event, conn)
 
-    await redis.xadd(settings.events_stream, {EVENT_FIELD: b"{not json"})  # undecodable
+    garbage = await redis.xadd(settings.events_stream, {EVENT_FIELD: b"{not json"})
     await emit_visitor_events(effects, settings, ["ok-1", bad_subject, "ok-2", "ok-3"])
     await publish_all(settings, effects, redis, 5)
 
@@ -414,9 +417,16 @@ async def test_poison_message_is_dead_lettered_after_n_deliveries_while_others_f
 
         await eventually(settled, timeout=20)
         await asyncio.sleep(0.3)  # nothing further may arrive
-    letters = await dead_letters(redis, settings, GROUP)
+    letters = {
+        letter["originalId"]: letter for letter in await dead_letters(redis, settings, GROUP)
+    }
     assert len(letters) == 2
-    assert {letter["deliveries"] for letter in letters} == {str(max_deliveries)}
+    # The garbage can never decode: parked on its first delivery. The failing event may be
+    # a passing fault: it got every delivery first.
+    assert letters.pop(garbage.decode())["deliveries"] == "1"
+    [failing] = letters.values()
+    assert failing["deliveries"] == str(max_deliveries)
+    assert tries.count(bad_subject) == max_deliveries
     assert sorted(r["subject"] for r in await effects.fetch("SELECT subject FROM bus_effects")) == [
         "ok-1",
         "ok-2",
@@ -452,14 +462,58 @@ async def test_poison_message_is_dead_lettered_after_n_deliveries_while_others_f
         await eventually(garbage_parked_again, timeout=20)
 
 
-def batched_effects(poison: str | None, batch_sizes: list[int]) -> Batched:
+async def test_an_event_its_handler_calls_poison_is_dead_lettered_at_once_and_its_subject_goes_on(
+    settings: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    tries: list[tuple[str, int]] = []
+
+    async def handler(event: VisitorCreated, conn: asyncpg.Connection) -> None:
+        tries.append((event.subject, event.seq))
+        if event.subject == "never" and event.seq == 1:
+            raise PoisonMessage("this event can never be applied")
+        await effect_handler(0)(event, conn)
+
+    await emit_visitor_events(effects, settings, ["ok-1", "never", "never", "ok-2"])
+    await publish_all(settings, effects, redis, 4)
+    # Claim idle and deliveries set so that a retry would show: the reclaim would redeliver
+    # the poison within the wait below, and only its fifth delivery would park it.
+    worker = consumer(
+        settings,
+        effects,
+        redis,
+        handler,
+        consumer_max_deliveries=5,
+        consumer_claim_idle_ms=50,
+    )
+    async with background(worker.run):
+
+        async def settled() -> bool:
+            return (
+                await pending(redis, settings) == 0 and await redis.xlen(worker.dead_letters) >= 1
+            )
+
+        await eventually(settled, timeout=20)
+        await asyncio.sleep(0.5)  # nothing further may arrive
+    [letter] = await dead_letters(redis, settings, GROUP)
+    assert letter["deliveries"] == "1"
+    assert "PoisonMessage" in letter["error"]
+    parked = msgspec.json.decode(letter["event"])
+    assert (parked["subject"], parked["seq"]) == ("never", 1)
+    assert tries.count(("never", 1)) == 1
+    # The subject's next event was not held behind the parked one.
+    assert sorted(await applied_order(effects)) == [("never", 2), ("ok-1", 1), ("ok-2", 1)]
+
+
+def batched_effects(
+    poison: str | None, batch_sizes: list[int], failure: type[Exception] = ValueError
+) -> Batched:
     """A batch-capable handler writing ``bus_effects``; the batch form writes every event's
     effect first and only then fails on the poison one, so only a rollback keeps the good
     ones of that batch from being applied twice."""
 
     async def one(event: VisitorCreated, conn: asyncpg.Connection) -> None:
         if event.subject == poison:
-            raise ValueError("this event can never be applied")
+            raise failure("this event can never be applied")
         await effect_handler(0)(event, conn)
 
     async def many(events: Sequence[VisitorCreated], conn: asyncpg.Connection) -> None:
@@ -472,13 +526,22 @@ def batched_effects(poison: str | None, batch_sizes: list[int]) -> Batched:
             [e.seq for e in events],
         )
         if any(e.subject == poison for e in events):
-            raise ValueError("this event can never be applied")
+            raise failure("this event can never be applied")
 
     return Batched(one=one, many=many)
 
 
+@pytest.mark.parametrize(
+    ("failure", "deliveries"),
+    [(ValueError, 3), (PoisonMessage, 1)],
+    ids=["failing-event-retried", "poison-parked-at-once"],
+)
 async def test_a_poison_message_in_a_batch_is_dead_lettered_and_the_rest_applied_once(
-    settings: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
+    settings: Settings,
+    effects: asyncpg.Pool,
+    redis: aioredis.Redis,
+    failure: type[Exception],
+    deliveries: int,
 ) -> None:
     good = [f"ok-{i}" for i in range(12)]
     await emit_visitor_events(effects, settings, [*good[:5], "poison", *good[5:]])
@@ -490,7 +553,7 @@ async def test_a_poison_message_in_a_batch_is_dead_lettered_and_the_rest_applied
         settings,
         effects,
         redis,
-        batched_effects("poison", batch_sizes),
+        batched_effects("poison", batch_sizes, failure),
         consumer_max_deliveries=max_deliveries,
         consumer_claim_idle_ms=50,
         consumer_concurrency=1,  # one transaction for the whole read: the poison is inside it
@@ -506,7 +569,7 @@ async def test_a_poison_message_in_a_batch_is_dead_lettered_and_the_rest_applied
         await asyncio.sleep(0.3)  # nothing further may arrive
     assert batch_sizes and batch_sizes[0] == 13  # the batch path really ran, and failed
     [letter] = await dead_letters(redis, settings, GROUP)
-    assert letter["deliveries"] == str(max_deliveries)
+    assert letter["deliveries"] == str(deliveries)
     assert msgspec.json.decode(letter["event"])["subject"] == "poison"
     rows = await effects.fetch("SELECT subject FROM bus_effects ORDER BY subject")
     assert sorted(r["subject"] for r in rows) == sorted(good)  # each exactly once
@@ -688,3 +751,22 @@ async def test_the_cli_lists_and_replays_dead_letters(
     assert await redis.xlen(dead) == 0
     replayed_events = [f[EVENT_FIELD] for _id, f in await redis.xrange(settings.events_stream)]
     assert replayed_events == [b'{"id":"e%d"}' % i for i in range(250)]  # in their order
+
+
+def test_the_bus_stands_on_the_process_layer_alone() -> None:
+    """No module of shared.bus pulls in the web layer or a service, even indirectly."""
+    probe = (
+        "import importlib, pkgutil, sys, shared.bus\n"
+        "for m in pkgutil.iter_modules(shared.bus.__path__):\n"
+        "    importlib.import_module('shared.bus.' + m.name)\n"
+        "print('\\n'.join(sys.modules))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "shared.bus.consumer" in loaded
+    assert [
+        m
+        for m in loaded
+        if m in ("shared.web", "services") or m.startswith(("shared.web.", "services."))
+    ] == []

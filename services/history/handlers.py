@@ -12,8 +12,8 @@ import asyncpg
 from prometheus_client import Counter
 
 from services.history import merges
-from shared.bus.consumer import Batched, BatchHandler, Handler
 from shared.bus.events import Event, HistoryMergeRequested
+from shared.bus.handlers import Batched, BatchHandler, Handler
 from shared.bus.outbox import Outbox
 
 GROUP = "history"

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncpg
 
 from services.session_resolution import queries
-from shared.bus.consumer import Handler
 from shared.bus.events import ContactTokensRevoked, Event, SessionEnded, SessionEndedData
+from shared.bus.handlers import Handler
 from shared.bus.outbox import Outbox
 
 GROUP = "session-resolution"

@@ -1,25 +1,77 @@
-"""Operator tools for the dead-letter streams (``widget-identity dlq list|replay``).
+"""The dead-letter streams: where a consumer group parks what it gives up on, and the
+operator tools to list and replay them (``widget-identity dlq list|replay``).
 
-A consumer parks a message it gave up on (after CONSUMER_MAX_DELIVERIES) in
-``<prefix>events:dlq:<group>``, atomically with its ack (see shared.bus.consumer); these list
-and replay them.
+A message whose handling failed is retried until its CONSUMER_MAX_DELIVERIES-th delivery,
+unless it is poison (``PoisonMessage``: it can never succeed), which goes at once. Either
+way it lands in ``<prefix>events:dlq:<group>`` atomically with its ack, so it is never acked
+without its entry.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 
-from shared.bus.consumer import stream_entries
 from shared.bus.events import EVENT_FIELD
+from shared.bus.handlers import PoisonMessage
+from shared.bus.messages import Message, Outcome, stream_entries
 from shared.config import Settings
 from shared.redis import as_str
 
 log = logging.getLogger(__name__)
 
 _REPLAY_BATCH = 100
+
+
+class FailurePolicy:
+    """Decides, for one consumer group, what becomes of a message whose handler failed."""
+
+    def __init__(
+        self, settings: Settings, redis: aioredis.Redis, *, stream: str, group: str
+    ) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.group = group
+        self.dead_letters = settings.dead_letter_stream(group)
+        self._max_deliveries = settings.consumer_max_deliveries
+
+    async def after_failure(self, message: Message, exc: Exception) -> Outcome:
+        """``RETRY`` (left pending, for the reclaim) or ``DEAD_LETTERED`` (parked, acked)."""
+        pending = await self.redis.xpending_range(
+            self.stream, self.group, min=message.id, max=message.id, count=1
+        )
+        deliveries = int(pending[0]["times_delivered"]) if pending else 1
+        context = {
+            "group": self.group,
+            "messageId": as_str(message.id),
+            "deliveries": deliveries,
+            "error": repr(exc),
+        }
+        if not isinstance(exc, PoisonMessage) and deliveries < self._max_deliveries:
+            log.warning("event failed; will retry", extra=context)
+            return Outcome.RETRY
+        log.error("event dead-lettered", extra=context)
+        await self._park(message, exc, deliveries)
+        return Outcome.DEAD_LETTERED
+
+    async def _park(self, message: Message, exc: Exception, deliveries: int) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(
+            self.dead_letters,
+            {
+                EVENT_FIELD: message.raw or b"",
+                b"originalId": message.id,
+                b"group": self.group,
+                b"error": repr(exc)[:2000],
+                b"deliveries": str(deliveries),
+                b"failedAt": datetime.now(UTC).isoformat(),
+            },
+        )
+        pipe.xack(self.stream, self.group, message.id)
+        await pipe.execute()
 
 
 async def dead_letters(
