@@ -1,5 +1,6 @@
-"""Every SQL statement of the history service (the contact-row reads and locks it shares
-with token issuance are in shared.identity.contacts).
+"""Every SQL statement of the history service but its history pages, which are
+shared.scope_history (session resolution reads them too). The contact-row reads and locks
+it shares with token issuance are in shared.identity.contacts.
 
 Lock order, shared by everything that moves or removes history so no two transactions can
 wait on each other in a cycle: the merge row, then the scope advisory locks (sorted by key),
@@ -15,6 +16,8 @@ from datetime import datetime
 from typing import Any, TypeAlias
 
 import asyncpg
+
+from shared.scope_history import MessageRow
 
 Db: TypeAlias = asyncpg.Pool | asyncpg.Connection
 Row: TypeAlias = asyncpg.Record
@@ -93,7 +96,7 @@ async def insert_message(
     sender_verified: bool,
     body: str,
     data: dict[str, Any],
-) -> Row:
+) -> MessageRow:
     row: Row = await conn.fetchrow(
         """INSERT INTO messages (id, org_id, conversation_id, author, sender_verified, body, data)
            VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -106,71 +109,7 @@ async def insert_message(
         body,
         data,
     )
-    return row
-
-
-_PAGE_COLUMNS = (
-    "id, visitor_id, contact_id, external_id, origin_visitor_id, last_merge_id,"
-    " created_at, updated_at"
-)
-
-
-async def contact_conversations(
-    db: Db,
-    org_id: str,
-    contact_id: str,
-    external_id: str,
-    *,
-    limit: int,
-    after: tuple[datetime, uuid.UUID] | None,
-) -> list[Row]:
-    # Two statements rather than "$5 IS NULL OR ...": each keeps a plain index range scan.
-    where = "org_id = $1 AND contact_id = $2 AND external_id = $3"
-    return await _page(db, where, [org_id, contact_id, external_id], limit, after)
-
-
-async def visitor_conversations(
-    db: Db,
-    org_id: str,
-    visitor_id: str,
-    *,
-    limit: int,
-    after: tuple[datetime, uuid.UUID] | None,
-) -> list[Row]:
-    return await _page(db, "org_id = $1 AND visitor_id = $2", [org_id, visitor_id], limit, after)
-
-
-async def _page(
-    db: Db, where: str, args: list[Any], limit: int, after: tuple[datetime, uuid.UUID] | None
-) -> list[Row]:
-    n = len(args)
-    args = [*args, limit]
-    if after is not None:
-        where += f" AND (created_at, id) < (${n + 2}, ${n + 3})"
-        args.extend(after)
-    rows: list[Row] = await db.fetch(
-        f"""SELECT {_PAGE_COLUMNS} FROM conversations WHERE {where}
-            ORDER BY created_at DESC, id DESC LIMIT ${n + 1}""",
-        *args,
-    )
-    return rows
-
-
-async def latest_messages(db: Db, conversation_ids: Sequence[uuid.UUID], per: int) -> list[Row]:
-    """Up to ``per`` newest messages of each conversation, in one round trip."""
-    if not conversation_ids:
-        return []
-    rows: list[Row] = await db.fetch(
-        """SELECT m.id, m.conversation_id, m.author, m.sender_verified, m.body, m.data,
-                  m.created_at
-           FROM unnest($1::uuid[]) AS c(id)
-           CROSS JOIN LATERAL (
-               SELECT * FROM messages WHERE conversation_id = c.id
-               ORDER BY created_at DESC, id DESC LIMIT $2) AS m""",
-        list(conversation_ids),
-        per,
-    )
-    return rows
+    return MessageRow.from_record(row)
 
 
 # --- Merges ---------------------------------------------------------------------------------
