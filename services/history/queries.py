@@ -1,6 +1,7 @@
 """Every SQL statement of the history service but its history pages, which are
 shared.scope_history (session resolution reads them too). The contact-row reads and locks
-it shares with token issuance are in shared.identity.contacts.
+it shares with token issuance are in shared.identity.contacts; erasure's SQL, the one place
+history writes other services' tables, is in services.history.erasure.
 
 Lock order, shared by everything that moves or removes history so no two transactions can
 wait on each other in a cycle: the merge row, then the scope advisory locks (sorted by key),
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -26,7 +26,7 @@ Row: TypeAlias = asyncpg.Record
 MergeRow: TypeAlias = tuple[str, str, str, str | None, str | None, str, str, str]
 
 
-# --- Sessions and scopes (read through the session service's published view) -------------
+# --- Sessions and visitors (read through the session service's published views) ----------
 
 
 async def session_scope(db: Db, org_id: str, session_id: uuid.UUID) -> Row | None:
@@ -40,9 +40,12 @@ async def session_scope(db: Db, org_id: str, session_id: uuid.UUID) -> Row | Non
 
 
 async def visitor_exists(db: Db, org_id: str, visitor_id: str) -> bool:
+    """Known to the org, logged out or not: a logged-out browser's history stays readable."""
     return bool(
         await db.fetchval(
-            "SELECT true FROM visitors WHERE org_id = $1 AND id = $2", org_id, visitor_id
+            "SELECT true FROM visitor_scopes WHERE org_id = $1 AND visitor_id = $2",
+            org_id,
+            visitor_id,
         )
     )
 
@@ -386,100 +389,3 @@ async def undo_moves(
         source_external_id,
     )
     return restored
-
-
-# --- Erasure ---------------------------------------------------------------------------------
-
-
-async def erase_history(conn: asyncpg.Connection, org_id: str, contact_id: str) -> tuple[int, int]:
-    """Delete every conversation of the contact (all externalIds) and their messages;
-    return (conversations, messages)."""
-    # Lock first (waits for writers holding KEY SHARE on these rows); the deletes below then
-    # run on fresh snapshots that include everything those writers committed.
-    await conn.execute(
-        """SELECT 1 FROM conversations WHERE org_id = $1 AND contact_id = $2 FOR UPDATE""",
-        org_id,
-        contact_id,
-    )
-    messages: int = await conn.fetchval(
-        """WITH gone AS (
-               DELETE FROM messages WHERE conversation_id IN (
-                   SELECT id FROM conversations WHERE org_id = $1 AND contact_id = $2)
-               RETURNING 1)
-           SELECT count(*) FROM gone""",
-        org_id,
-        contact_id,
-    )
-    conversations: int = await conn.fetchval(
-        """WITH gone AS (
-               DELETE FROM conversations WHERE org_id = $1 AND contact_id = $2 RETURNING 1)
-           SELECT count(*) FROM gone""",
-        org_id,
-        contact_id,
-    )
-    return conversations, messages
-
-
-async def erase_bindings_and_sessions(
-    conn: asyncpg.Connection, org_id: str, contact_id: str
-) -> tuple[int, int]:
-    """Session-resolution tables, written here because erasure is one legal act that must
-    commit as a whole: remove the device bindings, end the sessions and drop their copies of
-    the contact's attributes. Returns (bindings removed, sessions ended)."""
-    bindings: int = await conn.fetchval(
-        """WITH gone AS (
-               DELETE FROM device_bindings WHERE org_id = $1 AND contact_id = $2 RETURNING 1)
-           SELECT count(*) FROM gone""",
-        org_id,
-        contact_id,
-    )
-    sessions: int = await conn.fetchval(
-        """WITH ended AS (
-               UPDATE sessions
-               SET ended_at = COALESCE(ended_at, now()), attributes = '{}'::jsonb,
-                   external_id = ''
-               WHERE org_id = $1 AND contact_id = $2
-               RETURNING 1)
-           SELECT count(*) FROM ended""",
-        org_id,
-        contact_id,
-    )
-    return bindings, sessions
-
-
-async def tombstone_contact(conn: asyncpg.Connection, org_id: str, contact_id: str) -> datetime:
-    """Keep the row (so replays find it erased) but nothing personal; reject every token."""
-    erased_at: datetime = await conn.fetchval(
-        """UPDATE contacts
-           SET erased_at = now(), tokens_not_before = now(), updated_at = now(),
-               contact_key = 'erased:' || id::text, user_id = NULL, verified_email = NULL,
-               attributes = '{}'::jsonb
-           WHERE org_id = $1 AND id = $2
-           RETURNING erased_at""",
-        org_id,
-        contact_id,
-    )
-    return erased_at
-
-
-async def scrub_published_events(db: Db, contact_id: str, *, batch: int = 5000) -> int:
-    """Delete already-published outbox rows that mention the contact (they may carry its
-    email or name). Unpublished rows are left for the relay; the prune removes them later."""
-    deleted = 0
-    needle = contact_id.encode()
-    while True:
-        status: str = await db.execute(
-            """DELETE FROM outbox WHERE id IN (
-                   SELECT id FROM outbox
-                   WHERE published_at IS NOT NULL AND position($1::bytea IN payload) > 0
-                     -- The erasure's own events carry no personal data and are its audit
-                     -- trail; a relay that published them first must not see them vanish.
-                     AND event_type NOT IN ('contact.tokens_revoked', 'contact.erased')
-                   LIMIT $2)""",
-            needle,
-            batch,
-        )
-        count = int(status.split()[-1])
-        deleted += count
-        if count < batch:
-            return deleted
