@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from services.history import queries
+from services.history.queries import Db, conversation_rows, scopes
 from services.history.schemas import (
     AddMessage,
     ConversationOut,
@@ -73,7 +73,7 @@ async def live_session(
     conn: asyncpg.Connection, org_id: str, session_id: uuid.UUID
 ) -> SessionScope:
     # Another org's session reads exactly like a missing one (promise 8).
-    row = await queries.session_scope(conn, org_id, session_id)
+    row = await scopes.session_scope(conn, org_id, session_id)
     if row is None:
         raise not_found("session")
     if row["ended"]:
@@ -118,7 +118,7 @@ async def create_conversation(
     ):
         # The contact was erased after the session resolved: nothing may be written for it.
         raise session_ended()
-    row = await queries.insert_conversation(
+    row = await conversation_rows.insert_conversation(
         conn,
         org_id=org_id,
         visitor_id=None if session.contact_id is not None else session.visitor_id,
@@ -134,7 +134,7 @@ async def create_conversation(
     message = None
     if body.message is not None:
         message = message_out(
-            await queries.insert_message(
+            await conversation_rows.insert_message(
                 conn,
                 org_id=org_id,
                 conversation_id=row["id"],
@@ -157,7 +157,7 @@ async def add_message(
         raise validation_failed("a visitor message needs the sessionId it was written in")
     if body.author != "visitor" and body.session_id is not None:
         raise validation_failed("sessionId is only for visitor messages")
-    conversation = await queries.lock_conversation(conn, org_id, conversation_id)
+    conversation = await conversation_rows.lock_conversation(conn, org_id, conversation_id)
     if conversation is None:
         raise not_found("conversation")
     session = None
@@ -170,7 +170,7 @@ async def add_message(
                 "the conversation is not in this session's history scope",
             )
     return message_out(
-        await queries.insert_message(
+        await conversation_rows.insert_message(
             conn,
             org_id=org_id,
             conversation_id=conversation_id,
@@ -223,7 +223,7 @@ def _scope_out(conversation: ConversationRow) -> Scope:
 
 
 async def contact_history(
-    db: queries.Db, org_id: str, contact_id: str, external_id: str, query: Mapping[str, str]
+    db: Db, org_id: str, contact_id: str, external_id: str, query: Mapping[str, str]
 ) -> HistoryPage:
     if len(external_id) > 256 or "\x00" in external_id:
         raise validation_failed("externalId is not valid")
@@ -240,10 +240,10 @@ async def contact_history(
 
 
 async def visitor_history(
-    db: queries.Db, org_id: str, visitor_id: str, query: Mapping[str, str]
+    db: Db, org_id: str, visitor_id: str, query: Mapping[str, str]
 ) -> HistoryPage:
     limit, after = page_params(query)
-    if not await queries.visitor_exists(db, org_id, visitor_id):
+    if not await scopes.visitor_exists(db, org_id, visitor_id):
         raise not_found("visitor")
     scope = HistoryScope.of_visitor(org_id, visitor_id)
     return history_page(

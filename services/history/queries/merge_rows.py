@@ -1,121 +1,19 @@
-"""Every SQL statement of the history service but its history pages, which are
-shared.scope_history (session resolution reads them too). The contact-row reads and locks
-it shares with token issuance are in shared.identity.contacts; erasure's SQL, the one place
-history writes other services' tables, is in services.history.erasure.
-
-Lock order, shared by everything that moves or removes history so no two transactions can
-wait on each other in a cycle: the merge row, then the scope advisory locks (sorted by key),
-then contact rows (sorted by id), then conversations, then the outbox's subject_seqs row.
-Erasure starts at the contact row (it takes no advisory lock), which keeps it in that order.
-"""
+"""Merge records and the moves they make: recording a requested merge, locking it, and
+re-pointing (or putting back) every conversation of its source scope in one statement."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import asyncpg
 
-from shared.scope_history import MessageRow
+from services.history.queries import Db, Row
 
-Db: TypeAlias = asyncpg.Pool | asyncpg.Connection
-Row: TypeAlias = asyncpg.Record
 # A merge row as written: id, org id, reason, source visitor id, source contact id, source
 # externalId, target contact id, target externalId.
 MergeRow: TypeAlias = tuple[str, str, str, str | None, str | None, str, str, str]
-
-
-# --- Sessions and visitors (read through the session service's published views) ----------
-
-
-async def session_scope(db: Db, org_id: str, session_id: uuid.UUID) -> Row | None:
-    return await db.fetchrow(
-        """SELECT session_id, visitor_id, level, contact_id, external_id,
-                  (ended_at IS NOT NULL OR expires_at <= now()) AS ended
-           FROM session_scopes WHERE session_id = $1 AND org_id = $2""",
-        session_id,
-        org_id,
-    )
-
-
-async def visitor_exists(db: Db, org_id: str, visitor_id: str) -> bool:
-    """Known to the org, logged out or not: a logged-out browser's history stays readable."""
-    return bool(
-        await db.fetchval(
-            "SELECT true FROM visitor_scopes WHERE org_id = $1 AND visitor_id = $2",
-            org_id,
-            visitor_id,
-        )
-    )
-
-
-# --- Conversations and messages ------------------------------------------------------------
-
-
-async def insert_conversation(
-    conn: asyncpg.Connection,
-    *,
-    org_id: str,
-    visitor_id: str | None,
-    contact_id: str | None,
-    external_id: str,
-    origin_visitor_id: str,
-) -> Row:
-    row: Row = await conn.fetchrow(
-        """INSERT INTO conversations
-               (id, org_id, visitor_id, contact_id, external_id, origin_visitor_id)
-           VALUES ($1, $2, $3, $4, $5, $6)
-           RETURNING id, created_at""",
-        uuid.uuid4(),
-        org_id,
-        visitor_id,
-        contact_id,
-        external_id,
-        origin_visitor_id,
-    )
-    return row
-
-
-async def lock_conversation(
-    conn: asyncpg.Connection, org_id: str, conversation_id: str
-) -> Row | None:
-    """KEY SHARE: a message can be added while a merge re-points the conversation (the merge's
-    UPDATE does not conflict), but erasure's delete waits for it."""
-    return await conn.fetchrow(
-        """SELECT id, visitor_id, contact_id, external_id FROM conversations
-           WHERE id = $1 AND org_id = $2 FOR KEY SHARE""",
-        conversation_id,
-        org_id,
-    )
-
-
-async def insert_message(
-    conn: asyncpg.Connection,
-    *,
-    org_id: str,
-    conversation_id: str,
-    author: str,
-    sender_verified: bool,
-    body: str,
-    data: dict[str, Any],
-) -> MessageRow:
-    row: Row = await conn.fetchrow(
-        """INSERT INTO messages (id, org_id, conversation_id, author, sender_verified, body, data)
-           VALUES ($1, $2, $3, $4, $5, $6, $7)
-           RETURNING id, conversation_id, author, sender_verified, body, data, created_at""",
-        uuid.uuid4(),
-        org_id,
-        conversation_id,
-        author,
-        sender_verified,
-        body,
-        data,
-    )
-    return MessageRow.from_record(row)
-
-
-# --- Merges ---------------------------------------------------------------------------------
 
 
 async def insert_merge(
@@ -190,47 +88,6 @@ async def get_merge(db: Db, org_id: str, merge_id: str) -> Row | None:
     return await db.fetchrow(
         f"SELECT {_MERGE_COLUMNS} FROM merges WHERE id = $1 AND org_id = $2", merge_id, org_id
     )
-
-
-async def advisory_locks(conn: asyncpg.Connection, keys: list[tuple[int, bool]]) -> None:
-    """Take transaction-level advisory locks (key, shared) in the given order, one round trip.
-    Rows come out of unnest in array order, so the locks are taken in that order."""
-    await conn.execute(
-        """SELECT CASE WHEN shared THEN pg_advisory_xact_lock_shared(key)
-                       ELSE pg_advisory_xact_lock(key) END
-           FROM unnest($1::bigint[], $2::boolean[]) WITH ORDINALITY AS t(key, shared, n)
-           ORDER BY n""",
-        [k for k, _ in keys],
-        [shared for _, shared in keys],
-    )
-
-
-async def lock_contacts(
-    conn: asyncpg.Connection, org_id: str, contact_ids: list[str]
-) -> dict[str, bool]:
-    """KEY SHARE the contacts in id order; map id -> live (not erased). Missing ids are absent."""
-    rows = await conn.fetch(
-        """SELECT id, erased_at IS NULL AS live FROM contacts
-           WHERE org_id = $1 AND id = ANY($2::uuid[]) ORDER BY id FOR KEY SHARE""",
-        org_id,
-        contact_ids,
-    )
-    return {str(r["id"]): r["live"] for r in rows}
-
-
-async def lock_contacts_of_orgs(
-    conn: asyncpg.Connection, contacts: Sequence[tuple[str, str]]
-) -> dict[tuple[str, str], bool]:
-    """``lock_contacts`` for (org id, contact id) pairs of any orgs, in one round trip: KEY
-    SHARE in contact id order; map (org id, contact id) -> live. Missing pairs are absent."""
-    rows = await conn.fetch(
-        """SELECT c.org_id, c.id, c.erased_at IS NULL AS live FROM contacts AS c
-           WHERE (c.org_id, c.id) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[]))
-           ORDER BY c.id FOR KEY SHARE OF c""",
-        [org for org, _ in contacts],
-        [contact for _, contact in contacts],
-    )
-    return {(str(r["org_id"]), str(r["id"])): r["live"] for r in rows}
 
 
 # Both moves re-point every conversation of the source scope in one statement and record the
