@@ -6,13 +6,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 import msgspec
 
-from services.history import queries
+from services.history.queries import Db, conversation_rows, scopes
 from services.history.schemas import (
     AddMessage,
     ConversationOut,
@@ -24,6 +23,14 @@ from services.history.schemas import (
 )
 from shared.errors import Problem, not_found, validation_failed
 from shared.identity.contacts import contact_is_live, lock_live_contact
+from shared.scope_history import (
+    After,
+    ConversationRow,
+    HistoryScope,
+    MessageRow,
+    ScopePage,
+    scope_page,
+)
 from shared.web.pagination import decode_cursor, encode_cursor, parse_limit
 
 MESSAGES_PER_CONVERSATION = 100
@@ -66,7 +73,7 @@ async def live_session(
     conn: asyncpg.Connection, org_id: str, session_id: uuid.UUID
 ) -> SessionScope:
     # Another org's session reads exactly like a missing one (promise 8).
-    row = await queries.session_scope(conn, org_id, session_id)
+    row = await scopes.session_scope(conn, org_id, session_id)
     if row is None:
         raise not_found("session")
     if row["ended"]:
@@ -74,23 +81,15 @@ async def live_session(
     return SessionScope.from_row(row)
 
 
-def scope_of(row: asyncpg.Record) -> Scope:
-    if row["contact_id"] is not None:
-        return Scope(
-            type="contact", contact_id=str(row["contact_id"]), external_id=row["external_id"]
-        )
-    return Scope(type="visitor", visitor_id=str(row["visitor_id"]))
-
-
-def message_out(row: asyncpg.Record) -> MessageOut:
+def message_out(m: MessageRow) -> MessageOut:
     return MessageOut(
-        id=str(row["id"]),
-        conversation_id=str(row["conversation_id"]),
-        author=row["author"],
-        sender_verified=row["sender_verified"],
-        text=row["body"],
-        data=row["data"],
-        created_at=row["created_at"],
+        id=m.id,
+        conversation_id=m.conversation_id,
+        author=m.author,
+        sender_verified=m.sender_verified,
+        text=m.body,
+        data=m.data,
+        created_at=m.created_at,
     )
 
 
@@ -119,7 +118,7 @@ async def create_conversation(
     ):
         # The contact was erased after the session resolved: nothing may be written for it.
         raise session_ended()
-    row = await queries.insert_conversation(
+    row = await conversation_rows.insert_conversation(
         conn,
         org_id=org_id,
         visitor_id=None if session.contact_id is not None else session.visitor_id,
@@ -135,7 +134,7 @@ async def create_conversation(
     message = None
     if body.message is not None:
         message = message_out(
-            await queries.insert_message(
+            await conversation_rows.insert_message(
                 conn,
                 org_id=org_id,
                 conversation_id=row["id"],
@@ -158,7 +157,7 @@ async def add_message(
         raise validation_failed("a visitor message needs the sessionId it was written in")
     if body.author != "visitor" and body.session_id is not None:
         raise validation_failed("sessionId is only for visitor messages")
-    conversation = await queries.lock_conversation(conn, org_id, conversation_id)
+    conversation = await conversation_rows.lock_conversation(conn, org_id, conversation_id)
     if conversation is None:
         raise not_found("conversation")
     session = None
@@ -171,7 +170,7 @@ async def add_message(
                 "the conversation is not in this session's history scope",
             )
     return message_out(
-        await queries.insert_message(
+        await conversation_rows.insert_message(
             conn,
             org_id=org_id,
             conversation_id=conversation_id,
@@ -186,7 +185,7 @@ async def add_message(
 # --- Reading ---------------------------------------------------------------------------------
 
 
-def page_params(query: Mapping[str, str]) -> tuple[int, tuple[datetime, uuid.UUID] | None]:
+def page_params(query: Mapping[str, str]) -> tuple[int, After | None]:
     cursor = query.get("cursor")
     return (
         parse_limit(query.get("limit"), maximum=MAX_PAGE),
@@ -194,36 +193,37 @@ def page_params(query: Mapping[str, str]) -> tuple[int, tuple[datetime, uuid.UUI
     )
 
 
-async def build_page(db: queries.Db, rows: list[asyncpg.Record], limit: int) -> HistoryPage:
-    """``rows`` holds up to limit + 1 conversations; the extra one only says "there is more"."""
-    page = rows[:limit]
-    per = MESSAGES_PER_CONVERSATION
-    messages: dict[uuid.UUID, list[asyncpg.Record]] = {}
-    for m in await queries.latest_messages(db, [r["id"] for r in page], per + 1):
-        messages.setdefault(m["conversation_id"], []).append(m)
-    conversations = []
-    for r in page:
-        newest_first = messages.get(r["id"], [])
-        conversations.append(
+def history_page(page: ScopePage) -> HistoryPage:
+    return HistoryPage(
+        conversations=[
             ConversationOut(
-                id=str(r["id"]),
-                scope=scope_of(r),
-                origin_visitor_id=str(r["origin_visitor_id"]),
-                last_merge_id=str(r["last_merge_id"]) if r["last_merge_id"] else None,
-                created_at=r["created_at"],
-                updated_at=r["updated_at"],
-                messages=[message_out(m) for m in reversed(newest_first[:per])],
-                messages_truncated=len(newest_first) > per,
+                id=c.id,
+                scope=_scope_out(c),
+                origin_visitor_id=c.origin_visitor_id,
+                last_merge_id=c.last_merge_id,
+                created_at=c.created_at,
+                updated_at=c.updated_at,
+                messages=[message_out(m) for m in c.messages],
+                messages_truncated=c.messages_truncated,
             )
-        )
-    next_cursor = (
-        encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
+            for c in page.conversations
+        ],
+        next_cursor=encode_cursor(*page.next_after) if page.next_after is not None else None,
     )
-    return HistoryPage(conversations=conversations, next_cursor=next_cursor)
+
+
+def _scope_out(conversation: ConversationRow) -> Scope:
+    if conversation.contact_id is not None:
+        return Scope(
+            type="contact",
+            contact_id=conversation.contact_id,
+            external_id=conversation.external_id,
+        )
+    return Scope(type="visitor", visitor_id=conversation.visitor_id)
 
 
 async def contact_history(
-    db: queries.Db, org_id: str, contact_id: str, external_id: str, query: Mapping[str, str]
+    db: Db, org_id: str, contact_id: str, external_id: str, query: Mapping[str, str]
 ) -> HistoryPage:
     if len(external_id) > 256 or "\x00" in external_id:
         raise validation_failed("externalId is not valid")
@@ -231,17 +231,23 @@ async def contact_history(
     # An erased contact has no history and reads as not found, like another org's contact.
     if not await contact_is_live(db, org_id, contact_id):
         raise not_found("contact")
-    rows = await queries.contact_conversations(
-        db, org_id, contact_id, external_id, limit=limit + 1, after=after
+    scope = HistoryScope.of_contact(org_id, contact_id, external_id)
+    return history_page(
+        await scope_page(
+            db, scope, limit=limit, after=after, messages_per=MESSAGES_PER_CONVERSATION
+        )
     )
-    return await build_page(db, rows, limit)
 
 
 async def visitor_history(
-    db: queries.Db, org_id: str, visitor_id: str, query: Mapping[str, str]
+    db: Db, org_id: str, visitor_id: str, query: Mapping[str, str]
 ) -> HistoryPage:
     limit, after = page_params(query)
-    if not await queries.visitor_exists(db, org_id, visitor_id):
+    if not await scopes.visitor_exists(db, org_id, visitor_id):
         raise not_found("visitor")
-    rows = await queries.visitor_conversations(db, org_id, visitor_id, limit=limit + 1, after=after)
-    return await build_page(db, rows, limit)
+    scope = HistoryScope.of_visitor(org_id, visitor_id)
+    return history_page(
+        await scope_page(
+            db, scope, limit=limit, after=after, messages_per=MESSAGES_PER_CONVERSATION
+        )
+    )

@@ -9,7 +9,8 @@ from typing import Annotated
 import msgspec
 from aiohttp import web
 
-from services.history import conversations, erasure, merges, queries
+from services.history import conversations, erasure, merge_responses, merge_undo, merges
+from services.history.queries import merge_rows
 from services.history.schemas import (
     AddMessage,
     ContactMerge,
@@ -200,10 +201,10 @@ async def get_merge(request: web.Request) -> web.Response:
     principal = await _principal(request, "history:read", "contacts:manage")
     merge_id = parse_uuid(request.match_info["mergeId"], "merge")
     # A login merge gets its row when the consumer applies it: until then it is not found.
-    row = await queries.get_merge(request.app[DB_POOL], principal.org_id, merge_id)
+    row = await merge_rows.get_merge(request.app[DB_POOL], principal.org_id, merge_id)
     if row is None:
         raise not_found("merge")
-    return json_response(merges.merge_out(row))
+    return json_response(merge_responses.merge_out(row))
 
 
 @routes.post("/v1/merges/{mergeId}/undo")
@@ -225,7 +226,7 @@ async def undo_merge(request: web.Request) -> web.Response:
     outbox = request.app[OUTBOX]
     restored = await in_transaction(
         request.app[DB_POOL],
-        lambda conn: merges.undo_merge(conn, outbox, principal.org_id, merge_id),
+        lambda conn: merge_undo.undo_merge(conn, outbox, principal.org_id, merge_id),
     )
     return json_response(UndoResult(id=merge_id, status="undone", conversations_restored=restored))
 

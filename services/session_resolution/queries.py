@@ -1,7 +1,8 @@
 """All SQL of the session resolution service.
 
-It writes visitors, device_bindings and sessions (its own tables) and reads conversations and
-messages read-only for the widget's history endpoint. Every lookup carries the org (promise 8).
+It writes visitors, device_bindings and sessions (its own tables); the widget's history page
+reads history's tables through ``shared.scope_history``. Every lookup carries the org
+(promise 8).
 """
 
 from __future__ import annotations
@@ -377,91 +378,3 @@ async def lock_bound_visitor(
         uuid.UUID(contact_id),
     )
     return bool(found)
-
-
-# --- history (read-only; the history service owns these tables) ----------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MessageRow:
-    id: str
-    conversation_id: str
-    author: str
-    body: str
-    sender_verified: bool
-    created_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class ConversationRow:
-    id: str
-    created_at: datetime
-
-
-async def scope_conversations(
-    pool: asyncpg.Pool,
-    *,
-    org_id: str,
-    visitor_id: str,
-    contact_id: str | None,
-    external_id: str,
-    before: tuple[datetime, str] | None,
-    limit: int,
-) -> list[ConversationRow]:
-    """The scope's conversations, newest first, keyset-paginated on (created_at, id).
-
-    Verified scope: (contact, externalId). Otherwise: this visitor's own conversations only.
-    """
-    cursor_at, cursor_id = before if before is not None else (None, None)
-    page = """AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
-              ORDER BY created_at DESC, id DESC LIMIT $5"""
-    common = (cursor_at, None if cursor_id is None else uuid.UUID(cursor_id), limit)
-    if contact_id is not None:
-        rows = await pool.fetch(
-            f"""SELECT id, created_at FROM conversations
-                WHERE org_id = $1 AND contact_id = $2 AND external_id = $6 {page}""",
-            uuid.UUID(org_id),
-            uuid.UUID(contact_id),
-            *common,
-            external_id,
-        )
-    else:
-        rows = await pool.fetch(
-            f"""SELECT id, created_at FROM conversations
-                WHERE org_id = $1 AND visitor_id = $2 {page}""",
-            uuid.UUID(org_id),
-            uuid.UUID(visitor_id),
-            *common,
-        )
-    return [ConversationRow(str(r["id"]), r["created_at"]) for r in rows]
-
-
-async def conversation_messages(
-    pool: asyncpg.Pool, org_id: str, conversation_ids: list[str], per_conversation: int
-) -> list[MessageRow]:
-    """The latest ``per_conversation`` messages of each conversation, oldest first."""
-    if not conversation_ids:
-        return []
-    rows = await pool.fetch(
-        """SELECT id, conversation_id, author, body, sender_verified, created_at FROM (
-               SELECT m.*, row_number() OVER (
-                   PARTITION BY conversation_id ORDER BY created_at DESC, id DESC) AS rn
-               FROM messages m
-               WHERE m.org_id = $1 AND m.conversation_id = ANY($2::uuid[])) latest
-           WHERE rn <= $3
-           ORDER BY conversation_id, created_at, id""",
-        uuid.UUID(org_id),
-        [uuid.UUID(c) for c in conversation_ids],
-        per_conversation,
-    )
-    return [
-        MessageRow(
-            str(r["id"]),
-            str(r["conversation_id"]),
-            r["author"],
-            r["body"],
-            r["sender_verified"],
-            r["created_at"],
-        )
-        for r in rows
-    ]

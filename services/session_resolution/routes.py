@@ -63,6 +63,7 @@ from shared.identity.api_keys import API_KEYS
 from shared.identity.contact_tokens import CONTACT_TOKENS
 from shared.identity.org_policy import POLICIES, OrgPolicy
 from shared.identity.widget_tokens import WIDGET_TOKENS, WidgetToken, normalize_origin
+from shared.scope_history import HistoryScope, scope_page
 from shared.web.http import bearer_token, decode_body, json_response, parse_uuid
 from shared.web.openapi import Content, Query, operation
 from shared.web.pagination import MAX_CURSOR_LENGTH, decode_cursor, encode_cursor, parse_limit
@@ -342,41 +343,39 @@ async def session_history(request: web.Request) -> web.Response:
     record = located.record
     limit = parse_limit(request.query.get("limit"), maximum=deps.config.history_page_max)
     cursor = request.query.get("cursor")
-    before = None
-    if cursor:
-        at, conversation_id = decode_cursor(cursor)
-        before = (at, str(conversation_id))
-    conversations = await queries.scope_conversations(
+    after = decode_cursor(cursor) if cursor else None
+    # Only a verified session reads the contact's scope; anything else, its own browser's.
+    scope = (
+        HistoryScope.of_contact(record.org_id, record.contact_id, record.external_id)
+        if record.level == "verified" and record.contact_id is not None
+        else HistoryScope.of_visitor(record.org_id, record.visitor_id)
+    )
+    page = await scope_page(
         deps.pool,
-        org_id=record.org_id,
-        visitor_id=record.visitor_id,
-        # Only a verified session reads the contact's scope; anything else, its own browser's.
-        contact_id=record.contact_id if record.level == "verified" else None,
-        external_id=record.external_id,
-        before=before,
-        limit=limit + 1,
+        scope,
+        limit=limit,
+        after=after,
+        messages_per=deps.config.messages_per_conversation,
     )
-    page, more = conversations[:limit], len(conversations) > limit
-    messages = await queries.conversation_messages(
-        deps.pool, record.org_id, [c.id for c in page], deps.config.messages_per_conversation
-    )
-    by_conversation: dict[str, list[WidgetMessageOut]] = {c.id: [] for c in page}
-    for m in messages:
-        by_conversation[m.conversation_id].append(
-            WidgetMessageOut(
-                id=m.id,
-                author=m.author,
-                text=m.body,
-                sender_verified=m.sender_verified,
-                created_at=m.created_at,
-            )
-        )
     out = HistoryOut(
         conversations=[
-            WidgetConversationOut(id=c.id, created_at=c.created_at, messages=by_conversation[c.id])
-            for c in page
+            WidgetConversationOut(
+                id=c.id,
+                created_at=c.created_at,
+                messages=[
+                    WidgetMessageOut(
+                        id=m.id,
+                        author=m.author,
+                        text=m.body,
+                        sender_verified=m.sender_verified,
+                        created_at=m.created_at,
+                    )
+                    for m in c.messages
+                ],
+            )
+            for c in page.conversations
         ],
-        next_cursor=encode_cursor(page[-1].created_at, page[-1].id) if more else None,
+        next_cursor=encode_cursor(*page.next_after) if page.next_after is not None else None,
     )
     return json_response(out, headers=_NO_STORE)
 
