@@ -10,6 +10,7 @@ from services.history.queries import locks, merge_rows
 from shared.bus.events import HistoryMergeUndone, MergeUndoneData
 from shared.bus.outbox import Outbox
 from shared.errors import Problem, not_found
+from shared.identity.contacts import lock_contacts
 
 
 def not_undoable(detail: str, status: str) -> Problem:
@@ -28,7 +29,7 @@ async def undo_merge(conn: asyncpg.Connection, outbox: Outbox, org_id: str, merg
     spec = MergeSpec.from_row(row)
     # Undo moves history out of the target and into the source: the mirror of the merge.
     await locks.advisory_locks(conn, scope_locks([(spec.source_entity, spec.target_entity)]))
-    live = await locks.lock_contacts(conn, org_id, spec.contact_ids)
+    live = await lock_contacts(conn, org_id, spec.contact_ids)
     problem = contact_problem(spec, live)
     if problem is not None:
         raise not_undoable(f"cannot undo: {problem}", status)

@@ -23,7 +23,7 @@ from services.history.schemas import ContactMerge
 from shared.bus.events import HistoryMerged, HistoryMergeRequested, MergedData, MergeRequestedData
 from shared.bus.outbox import Outbox
 from shared.errors import not_found, validation_failed
-from shared.identity.contacts import contact_is_live
+from shared.identity.contacts import contact_is_live, lock_contacts, lock_contacts_of_orgs
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ async def _perform(conn: asyncpg.Connection, outbox: Outbox, spec: MergeSpec) ->
         await merge_rows.fail_merge(conn, spec.merge_id, "source and target are the same scope")
         return MergeOutcome("failed")
     await locks.advisory_locks(conn, scope_locks([(spec.target_entity, spec.source_entity)]))
-    live = await locks.lock_contacts(conn, spec.org_id, spec.contact_ids)
+    live = await lock_contacts(conn, spec.org_id, spec.contact_ids)
     problem = contact_problem(spec, live)
     if problem is not None:
         await merge_rows.fail_merge(conn, spec.merge_id, problem)
@@ -151,7 +151,7 @@ async def apply_requested_merges(
     pairs = sorted(
         {(todo[i].org_id, c) for i in active for c in todo[i].contact_ids}, key=_by_contact
     )
-    live = await locks.lock_contacts_of_orgs(conn, pairs) if pairs else {}
+    live = await lock_contacts_of_orgs(conn, pairs) if pairs else {}
     for i in active:
         spec = todo[i]
         mine = {c: live[(spec.org_id, c)] for c in spec.contact_ids if (spec.org_id, c) in live}

@@ -8,6 +8,7 @@ commit. An erased contact is never "live".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import asyncpg
@@ -42,3 +43,31 @@ async def contact_is_live(
             contact_id,
         )
     )
+
+
+async def lock_contacts(
+    conn: asyncpg.Connection, org_id: str, contact_ids: list[str]
+) -> dict[str, bool]:
+    """KEY SHARE the contacts in id order; map id -> live (not erased). Missing ids are absent."""
+    rows = await conn.fetch(
+        """SELECT id, erased_at IS NULL AS live FROM contacts
+           WHERE org_id = $1 AND id = ANY($2::uuid[]) ORDER BY id FOR KEY SHARE""",
+        org_id,
+        contact_ids,
+    )
+    return {str(r["id"]): r["live"] for r in rows}
+
+
+async def lock_contacts_of_orgs(
+    conn: asyncpg.Connection, contacts: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], bool]:
+    """``lock_contacts`` for (org id, contact id) pairs of any orgs, in one round trip: KEY
+    SHARE in contact id order; map (org id, contact id) -> live. Missing pairs are absent."""
+    rows = await conn.fetch(
+        """SELECT c.org_id, c.id, c.erased_at IS NULL AS live FROM contacts AS c
+           WHERE (c.org_id, c.id) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[]))
+           ORDER BY c.id FOR KEY SHARE OF c""",
+        [org for org, _ in contacts],
+        [contact for _, contact in contacts],
+    )
+    return {(str(r["org_id"]), str(r["id"])): r["live"] for r in rows}
