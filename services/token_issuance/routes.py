@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
 from aiohttp import web
+from msgspec import Meta
 
 from services.token_issuance import api_keys, contacts, orgs, signing_keys, widget_tokens
+from services.token_issuance.broadcast import from_app
 from services.token_issuance.deps import JWKS, KEYRING
 from services.token_issuance.schemas import (
+    ADMIN_PAGE_MAX,
     ApiKeyCreated,
+    ApiKeyList,
     ApiKeyRevoked,
     AuthenticateUserRequest,
     AuthenticateUserResponse,
@@ -19,16 +24,23 @@ from services.token_issuance.schemas import (
     JwksResponse,
     Kid,
     OrgInfo,
+    OrgList,
     SigningKeyDeleted,
     SigningKeyInfo,
+    SigningKeyList,
     TokensRevokedResponse,
     UpdateOrgRequest,
+    UpdateWidgetTokenRequest,
     WidgetTokenCreated,
+    WidgetTokenInfo,
+    WidgetTokenList,
+    WidgetTokenRevoked,
     authenticate_user_decoder,
     create_api_key_decoder,
     create_org_decoder,
     create_widget_token_decoder,
     update_org_decoder,
+    update_widget_token_decoder,
 )
 from shared.bus.outbox import OUTBOX
 from shared.config import SETTINGS
@@ -41,6 +53,7 @@ from shared.identity.revocation import announce_key_added, announce_key_deleted,
 from shared.redis import REDIS
 from shared.web.http import decode_body, json_response, parse_uuid
 from shared.web.openapi import Query, operation
+from shared.web.pagination import MAX_CURSOR_LENGTH, PageRequest, parse_page
 from shared.web.ratelimit import Limit, RateLimiter
 
 # --- for customer backends -----------------------------------------------------------------
@@ -140,6 +153,36 @@ def _org_id(request: web.Request) -> str:
     return parse_uuid(request.match_info["org_id"], "org")
 
 
+_PAGE_QUERY = [
+    Query("limit", Annotated[int, Meta(ge=1, le=ADMIN_PAGE_MAX)], "Page size (default 20)."),
+    Query(
+        "cursor",
+        Annotated[str, Meta(max_length=MAX_CURSOR_LENGTH)],
+        "`nextCursor` from the previous page (opaque).",
+    ),
+]
+_PAGE_ERRORS = {422: "`validation_failed`: limit or cursor is not valid."}
+
+
+def _page(request: web.Request) -> PageRequest[uuid.UUID]:
+    query = request.query
+    return parse_page(query.get("limit"), query.get("cursor"), maximum=ADMIN_PAGE_MAX)
+
+
+@operation(
+    summary="List orgs",
+    description="Oldest first, paged with `limit` and `cursor`.",
+    tags=["admin"],
+    query=_PAGE_QUERY,
+    responses={200: OrgList},
+    security="adminToken",
+    errors=_PAGE_ERRORS,
+)
+async def list_orgs(request: web.Request) -> web.Response:
+    require_admin(request)
+    return json_response(await orgs.list_orgs(request.app[DB_POOL], _page(request)))
+
+
 @operation(
     summary="Create an org with its policy and first signing key",
     tags=["admin"],
@@ -175,10 +218,14 @@ async def get_org(request: web.Request) -> web.Response:
 
 
 @operation(
-    summary="Rename an org and/or merge-patch its policy",
+    summary="Rename an org, merge-patch its policy, disable or enable it",
     description=(
         "`policy` is an RFC 7396 merge patch onto the current policy (null resets a key to "
-        "its default); the result must be a valid policy as a whole, else 422 and no change."
+        "its default); the result must be a valid policy as a whole, else 422 and no change. "
+        "`disabled: true` disables the org: within a second, on every replica, its API keys "
+        "get `401 invalid_api_key`, its widget tokens `401 invalid_widget_token` and its "
+        "contact tokens `401 token_revoked`; `disabled: false` restores them. A policy change "
+        "also reaches every replica within a second."
     ),
     tags=["admin"],
     body=UpdateOrgRequest,
@@ -189,8 +236,25 @@ async def get_org(request: web.Request) -> web.Response:
 async def update_org(request: web.Request) -> web.Response:
     org_id = _org_id(request)
     body = await decode_body(request, update_org_decoder)
-    result = await orgs.update_org(request.app[DB_POOL], org_id, body)
-    request.app[POLICIES].forget(org_id)
+    result = await orgs.update_org(request.app[DB_POOL], org_id, body, from_app(request.app))
+    return json_response(result)
+
+
+@operation(
+    summary="List an org's API keys (never the key or its hash)",
+    description=(
+        "Oldest first, revoked keys included. `lastUsedAt` is recorded at most about once a "
+        "minute per key."
+    ),
+    tags=["admin"],
+    query=_PAGE_QUERY,
+    responses={200: ApiKeyList},
+    security="adminToken",
+    errors={404: "", **_PAGE_ERRORS},
+)
+async def list_api_keys(request: web.Request) -> web.Response:
+    org_id = _org_id(request)
+    result = await api_keys.list_api_keys(request.app[DB_POOL], org_id, _page(request))
     return json_response(result)
 
 
@@ -211,6 +275,7 @@ async def create_api_key(request: web.Request) -> web.Response:
 
 @operation(
     summary="Revoke an API key",
+    description="Refused on every replica within a second; a repeat returns the first time.",
     tags=["admin"],
     responses={200: ApiKeyRevoked},
     security="adminToken",
@@ -219,10 +284,10 @@ async def create_api_key(request: web.Request) -> web.Response:
 async def revoke_api_key(request: web.Request) -> web.Response:
     org_id = _org_id(request)
     key_id = parse_uuid(request.match_info["key_id"], "API key")
-    revocation = await api_keys.revoke_api_key(request.app[DB_POOL], org_id, key_id)
-    # Other replicas stop accepting it within their authenticator cache TTL.
-    request.app[API_KEYS].forget(revocation.key_hash)
-    return json_response(revocation.response)
+    result = await api_keys.revoke_api_key(
+        request.app[DB_POOL], org_id, key_id, from_app(request.app)
+    )
+    return json_response(result)
 
 
 @operation(
@@ -238,6 +303,87 @@ async def create_widget_token(request: web.Request) -> web.Response:
     body = await decode_body(request, create_widget_token_decoder)
     result = await widget_tokens.create_widget_token(request.app[DB_POOL], org_id, body)
     return json_response(result, status=201)
+
+
+@operation(
+    summary="List an org's widget tokens",
+    description="Oldest first, revoked tokens included; the full token is shown only on creation.",
+    tags=["admin"],
+    query=_PAGE_QUERY,
+    responses={200: WidgetTokenList},
+    security="adminToken",
+    errors={404: "", **_PAGE_ERRORS},
+)
+async def list_widget_tokens(request: web.Request) -> web.Response:
+    org_id = _org_id(request)
+    result = await widget_tokens.list_widget_tokens(request.app[DB_POOL], org_id, _page(request))
+    return json_response(result)
+
+
+def _widget_token_id(request: web.Request) -> tuple[str, str]:
+    org_id = _org_id(request)
+    return org_id, parse_uuid(request.match_info["widget_token_id"], "widget token")
+
+
+@operation(
+    summary="Change a widget token's allowed origins and/or settings",
+    description=(
+        "Each field given replaces the stored one and is validated exactly as on creation. "
+        "Takes effect on every replica within a second."
+    ),
+    tags=["admin"],
+    body=UpdateWidgetTokenRequest,
+    responses={200: WidgetTokenInfo},
+    security="adminToken",
+    errors={
+        404: "",
+        409: "`widget_token_revoked`: a revoked token is not changed.",
+        422: "`validation_failed`: a bad origin or setting, or nothing to change.",
+    },
+)
+async def update_widget_token(request: web.Request) -> web.Response:
+    org_id, token_id = _widget_token_id(request)
+    body = await decode_body(request, update_widget_token_decoder)
+    result = await widget_tokens.update_widget_token(
+        request.app[DB_POOL], org_id, token_id, body, from_app(request.app)
+    )
+    return json_response(result)
+
+
+@operation(
+    summary="Revoke a widget token",
+    description=(
+        "New sessions with it get `401 invalid_widget_token` on every replica within a "
+        "second; a repeat returns the first revocation time."
+    ),
+    tags=["admin"],
+    responses={200: WidgetTokenRevoked},
+    security="adminToken",
+    errors=(404,),
+)
+async def revoke_widget_token(request: web.Request) -> web.Response:
+    org_id, token_id = _widget_token_id(request)
+    result = await widget_tokens.revoke_widget_token(
+        request.app[DB_POOL], org_id, token_id, from_app(request.app)
+    )
+    return json_response(result)
+
+
+@operation(
+    summary="List an org's live signing keys",
+    description="Oldest first; deleted keys are not listed (they neither sign nor verify).",
+    tags=["admin"],
+    query=_PAGE_QUERY,
+    responses={200: SigningKeyList},
+    security="adminToken",
+    errors={404: "", **_PAGE_ERRORS},
+)
+async def list_signing_keys(request: web.Request) -> web.Response:
+    org_id = _org_id(request)
+    query = request.query
+    page = parse_page(query.get("limit"), query.get("cursor"), maximum=ADMIN_PAGE_MAX, id_type=str)
+    result = await signing_keys.list_signing_keys(request.app[DB_POOL], org_id, page)
+    return json_response(result)
 
 
 @operation(
@@ -296,10 +442,18 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/.well-known/jwks.json", jwks)
     router.add_post("/v1/contacts/{contact_id}/revoke-tokens", revoke_tokens)
     router.add_post("/admin/v1/orgs", create_org)
+    router.add_get("/admin/v1/orgs", list_orgs)
     router.add_get("/admin/v1/orgs/{org_id}", get_org)
     router.add_patch("/admin/v1/orgs/{org_id}", update_org)
     router.add_post("/admin/v1/orgs/{org_id}/api-keys", create_api_key)
+    router.add_get("/admin/v1/orgs/{org_id}/api-keys", list_api_keys)
     router.add_delete("/admin/v1/orgs/{org_id}/api-keys/{key_id}", revoke_api_key)
     router.add_post("/admin/v1/orgs/{org_id}/widget-tokens", create_widget_token)
+    router.add_get("/admin/v1/orgs/{org_id}/widget-tokens", list_widget_tokens)
+    router.add_patch("/admin/v1/orgs/{org_id}/widget-tokens/{widget_token_id}", update_widget_token)
+    router.add_delete(
+        "/admin/v1/orgs/{org_id}/widget-tokens/{widget_token_id}", revoke_widget_token
+    )
     router.add_post("/admin/v1/orgs/{org_id}/signing-keys", rotate_signing_key)
+    router.add_get("/admin/v1/orgs/{org_id}/signing-keys", list_signing_keys)
     router.add_delete("/admin/v1/orgs/{org_id}/signing-keys/{kid}", delete_signing_key)
