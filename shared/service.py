@@ -9,6 +9,7 @@ from shared.bus.relay import add_relay
 from shared.bus.retention import add_stream_retention
 from shared.config import Settings
 from shared.identity.api_keys import API_KEYS, ApiKeyAuthenticator
+from shared.identity.revocation import install_revocation_feed
 from shared.web.http import base_app
 
 
@@ -18,6 +19,9 @@ def service_app(settings: Settings, *, name: str) -> web.Application:
     app = base_app(settings, name=name)
     app[OUTBOX] = Outbox(settings.events_stream)
     app[API_KEYS] = ApiKeyAuthenticator()
+    # Every process that checks API keys runs the revocation listener, so a revoked key (or a
+    # disabled org) is refused on every replica within a second.
+    install_revocation_feed(app).watch(app[API_KEYS])
     if settings.relay_enabled:
         add_relay(app)
         add_stream_retention(app)

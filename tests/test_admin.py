@@ -57,6 +57,16 @@ async def test_the_admin_api_needs_the_admin_token(env: Env) -> None:
         ),
         ("POST", f"/admin/v1/orgs/{org.org_id}/signing-keys", None),
         ("DELETE", f"/admin/v1/orgs/{org.org_id}/signing-keys/{org.kid}", None),
+        ("GET", "/admin/v1/orgs", None),
+        ("GET", f"/admin/v1/orgs/{org.org_id}/api-keys", None),
+        ("GET", f"/admin/v1/orgs/{org.org_id}/widget-tokens", None),
+        (
+            "PATCH",
+            f"/admin/v1/orgs/{org.org_id}/widget-tokens/{org.widget_token_id}",
+            {"allowedOrigins": ["https://a.example"]},
+        ),
+        ("DELETE", f"/admin/v1/orgs/{org.org_id}/widget-tokens/{org.widget_token_id}", None),
+        ("GET", f"/admin/v1/orgs/{org.org_id}/signing-keys", None),
     ]
     for token in (None, "wrong-" + ADMIN_TOKEN, org.api_key):
         for method, path, body in routes:
@@ -65,6 +75,8 @@ async def test_the_admin_api_needs_the_admin_token(env: Env) -> None:
             assert reply.json["code"] == "invalid_admin_token"
     assert await env.count("orgs") == 1
     assert await env.count("signing_keys") == 1
+    live = "SELECT count(*) FROM widget_tokens WHERE revoked_at IS NULL"
+    assert await env.pool.fetchval(live) == 1
 
 
 async def test_an_org_is_created_with_its_policy_and_a_signing_key(env: Env) -> None:
@@ -89,6 +101,7 @@ async def test_an_org_is_created_with_its_policy_and_a_signing_key(env: Env) -> 
     assert [k["kid"] for k in jwks["keys"]] == [kid]
     shown = await env.admin("GET", f"/orgs/{created.json['id']}")
     assert shown.json["policy"] == created.json["policy"]
+    assert (shown.json["disabled"], shown.json["disabledAt"]) == (False, None)
 
 
 @pytest.mark.parametrize(
@@ -290,6 +303,12 @@ async def test_unknown_and_malformed_org_ids_are_404(env: Env) -> None:
         ("POST", f"/orgs/{missing}/signing-keys", None),
         ("GET", "/orgs/not-a-uuid", None),
         ("DELETE", f"/orgs/{missing}/api-keys/also-not-a-uuid", None),
+        ("GET", f"/orgs/{missing}/api-keys", None),
+        ("GET", f"/orgs/{missing}/widget-tokens", None),
+        ("GET", f"/orgs/{missing}/signing-keys", None),
+        ("GET", "/orgs/not-a-uuid/api-keys", None),
+        ("PATCH", f"/orgs/{missing}/widget-tokens/{missing}", {"settings": {}}),
+        ("DELETE", f"/orgs/{missing}/widget-tokens/not-a-uuid", None),
     ]:
         reply = await env.admin(method, path, body)
         assert reply.status == 404, (method, path, reply.body)
@@ -385,3 +404,244 @@ async def test_a_token_minted_by_the_cli_created_org_verifies(env: Env) -> None:
     assert minted.status == 200, minted.body
     jwks = (await env.api.get("/.well-known/jwks.json")).json
     assert org["signingKey"]["kid"] in {k["kid"] for k in jwks["keys"]}
+
+
+# --- lifecycle: lists, disabling, widget token changes -------------------------------------
+
+
+async def collect(env: Env, path: str, limit: int) -> list[dict[str, Any]]:
+    """Every item of a paged list, following nextCursor."""
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = f"?limit={limit}" + (f"&cursor={cursor}" if cursor else "")
+        page = await env.admin("GET", path + query)
+        assert page.status == 200, page.body
+        assert len(page.json["items"]) <= limit
+        items += page.json["items"]
+        cursor = page.json["nextCursor"]
+        if cursor is None:
+            return items
+
+
+async def test_lists_are_paged_oldest_first_and_scoped_to_the_org(env: Env) -> None:
+    org = await provision_org(env.api)
+    other = await provision_org(env.api, name="Beta")
+    for _ in range(2):
+        await env.admin("POST", f"/orgs/{org.org_id}/api-keys", {"scopes": ["history:read"]})
+        await env.admin(
+            "POST", f"/orgs/{org.org_id}/widget-tokens", {"allowedOrigins": ["https://a.example"]}
+        )
+        await env.admin("POST", f"/orgs/{org.org_id}/signing-keys")
+
+    orgs = await collect(env, "/orgs", 1)
+    assert [o["id"] for o in orgs] == [org.org_id, other.org_id]
+    keys = await collect(env, f"/orgs/{org.org_id}/api-keys", 2)
+    assert len(keys) == 3 and keys[0]["id"] == org.api_key_id
+    assert other.api_key_id not in {k["id"] for k in keys}
+    widgets = await collect(env, f"/orgs/{org.org_id}/widget-tokens", 2)
+    assert len(widgets) == 3 and widgets[0]["id"] == org.widget_token_id
+    signing = await collect(env, f"/orgs/{org.org_id}/signing-keys", 1)
+    assert len(signing) == 3 and signing[0]["kid"] == org.kid
+    assert other.kid not in {k["kid"] for k in signing}
+
+
+async def test_listed_credentials_never_show_a_secret(env: Env) -> None:
+    org = await provision_org(env.api)
+    key = (await env.admin("GET", f"/orgs/{org.org_id}/api-keys")).json["items"][0]
+    assert set(key) == {
+        "id",
+        "displayPrefix",
+        "scopes",
+        "createdAt",
+        "lastUsedAt",
+        "expiresAt",
+        "revokedAt",
+    }
+    assert key["displayPrefix"] == org.api_key[:12]
+    widget = (await env.admin("GET", f"/orgs/{org.org_id}/widget-tokens")).json["items"][0]
+    assert set(widget) == {
+        "id",
+        "displayPrefix",
+        "allowedOrigins",
+        "settings",
+        "createdAt",
+        "revokedAt",
+    }
+    listed = json.dumps([key, widget])
+    assert org.api_key not in listed and org.widget_token not in listed
+    stored_hash = await env.pool.fetchval(
+        "SELECT key_hash FROM api_keys WHERE id = $1", org.api_key_id
+    )
+    assert stored_hash.hex() not in listed
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["limit=0", "limit=101", "limit=x", "cursor=!!!", "cursor=" + "A" * 201, "limit=1&cursor=e30"],
+)
+async def test_a_bad_limit_or_cursor_is_a_422(env: Env, query: str) -> None:
+    org = await provision_org(env.api)
+    for path in ("/orgs", f"/orgs/{org.org_id}/api-keys", f"/orgs/{org.org_id}/signing-keys"):
+        reply = await env.admin("GET", f"{path}?{query}")
+        assert (reply.status, reply.json["code"]) == (422, "validation_failed"), (path, reply.body)
+        assert reply.headers["Content-Type"].startswith("application/problem+json")
+
+
+async def test_last_used_at_is_recorded_without_a_write_per_request(env: Env) -> None:
+    org = await provision_org(env.api)
+
+    async def last_used() -> Any:
+        keys = (await env.admin("GET", f"/orgs/{org.org_id}/api-keys")).json["items"]
+        return keys[0]["lastUsedAt"]
+
+    assert await last_used() is None
+    for _ in range(3):
+        reply = await env.api.post(
+            "/widget/authenticate-user", json={"userId": "u"}, token=org.api_key
+        )
+        assert reply.status == 200
+    first = await last_used()
+    assert first is not None
+    # Within the minute, further requests do not write it again.
+    await env.pool.execute(
+        "UPDATE api_keys SET last_used_at = last_used_at - interval '1 hour' WHERE id = $1",
+        org.api_key_id,
+    )
+    marked = await last_used()
+    await env.api.post("/widget/authenticate-user", json={"userId": "u"}, token=org.api_key)
+    assert await last_used() == marked
+
+
+async def test_disabling_an_org_shows_and_refuses_its_credentials_then_enabling_restores(
+    env: Env,
+) -> None:
+    org = await provision_org(env.api)
+    path = f"/orgs/{org.org_id}"
+    disabled = await env.admin("PATCH", path, {"disabled": True})
+    assert disabled.status == 200, disabled.body
+    assert disabled.json["disabled"] is True and disabled.json["disabledAt"] is not None
+    again = await env.admin("PATCH", path, {"disabled": True})
+    assert again.json["disabledAt"] == disabled.json["disabledAt"]  # the first time stays
+    assert (await env.admin("GET", path)).json["disabled"] is True
+    refused = await env.api.post(
+        "/widget/authenticate-user", json={"userId": "u"}, token=org.api_key
+    )
+    assert (refused.status, refused.json["code"]) == (401, "invalid_api_key")
+    # Still administrable while disabled.
+    assert (await env.admin("GET", f"{path}/api-keys")).status == 200
+    enabled = await env.admin("PATCH", path, {"disabled": False})
+    assert (enabled.json["disabled"], enabled.json["disabledAt"]) == (False, None)
+    ok = await env.api.post("/widget/authenticate-user", json={"userId": "u"}, token=org.api_key)
+    assert ok.status == 200, ok.body
+    bad = await env.admin("PATCH", path, {"disabled": "yes"})
+    assert bad.status == 422
+
+
+async def test_a_widget_token_is_updated_validated_like_creation_and_revoked(env: Env) -> None:
+    org = await provision_org(env.api)
+    path = f"/orgs/{org.org_id}/widget-tokens/{org.widget_token_id}"
+    updated = await env.admin(
+        "PATCH", path, {"allowedOrigins": ["https://New.example:443", "https://new.example"]}
+    )
+    assert updated.status == 200, updated.body
+    assert updated.json["allowedOrigins"] == ["https://new.example"]
+    assert updated.json["settings"]["collectUserData"] is False  # untouched
+    settings = {"collectUserData": True, "prefillUserData": {"name": True}}
+    updated = await env.admin("PATCH", path, {"settings": settings})
+    assert updated.json["allowedOrigins"] == ["https://new.example"]
+    assert updated.json["settings"]["prefillUserData"] == {"name": True, "email": False}
+    assert "token" not in updated.json
+
+    revoked = await env.admin("DELETE", path)
+    assert revoked.status == 200 and revoked.json["id"] == org.widget_token_id
+    repeat = await env.admin("DELETE", path)
+    assert repeat.json["revokedAt"] == revoked.json["revokedAt"]
+    refused = await env.admin("PATCH", path, {"settings": {}})
+    assert (refused.status, refused.json["code"]) == (409, "widget_token_revoked")
+    listed = (await env.admin("GET", f"/orgs/{org.org_id}/widget-tokens")).json["items"]
+    assert listed[0]["revokedAt"] == revoked.json["revokedAt"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"allowedOrigins": []},
+        {"allowedOrigins": ["https://*.example.com"]},
+        {"allowedOrigins": ["https://shop.example/path"]},
+        {"allowedOrigins": ["https://a.example"] * 51},
+        {"settings": {"collectUserData": "yes"}},
+        {"settings": {"theme": "dark"}},
+        {"settings": {"extraDataCollectionFields": [{"name": "email", "label": "E"}]}},
+        {"token": "wit_x"},
+    ],
+)
+async def test_a_bad_widget_token_update_is_a_422_and_changes_nothing(
+    env: Env, body: dict[str, Any]
+) -> None:
+    org = await provision_org(env.api)
+    query = "SELECT allowed_origins, settings FROM widget_tokens WHERE id = $1"
+    before = await env.pool.fetchrow(query, org.widget_token_id)
+    path = f"/orgs/{org.org_id}/widget-tokens/{org.widget_token_id}"
+    reply = await env.admin("PATCH", path, body)
+    assert (reply.status, reply.json["code"]) == (422, "validation_failed"), reply.body
+    assert await env.pool.fetchrow(query, org.widget_token_id) == before
+
+
+async def test_another_orgs_credentials_read_as_not_found(env: Env) -> None:
+    org = await provision_org(env.api)
+    other = await provision_org(env.api, name="Beta")
+    widget = f"/orgs/{org.org_id}/widget-tokens/{other.widget_token_id}"
+    for method, body in (("PATCH", {"settings": {}}), ("DELETE", None)):
+        reply = await env.admin(method, widget, body)
+        assert (reply.status, reply.json["code"]) == (404, "not_found"), reply.body
+    assert await env.pool.fetchval(
+        "SELECT revoked_at IS NULL FROM widget_tokens WHERE id = $1", other.widget_token_id
+    )
+
+
+async def test_the_cli_lists_disables_enables_and_changes_widget_tokens(env: Env) -> None:
+    org = await provision_org(env.api)
+    code, listed, err = await cli(env.settings, "org", "list", "--limit", "1")
+    assert code == 0, err
+    assert [o["id"] for o in listed["items"]] == [org.org_id] and listed["nextCursor"] is None
+    code, shown, err = await cli(env.settings, "org", "disable", "--org", org.org_id)
+    assert code == 0, err
+    assert shown["disabled"] is True
+    code, shown, err = await cli(env.settings, "org", "show", "--org", org.org_id)
+    assert shown["disabled"] is True
+    code, shown, err = await cli(env.settings, "org", "enable", "--org", org.org_id)
+    assert code == 0 and shown["disabled"] is False, err
+
+    code, keys, err = await cli(env.settings, "api-key", "list", "--org", org.org_id)
+    assert code == 0, err
+    assert [k["id"] for k in keys["items"]] == [org.api_key_id]
+    assert org.api_key not in json.dumps(keys)
+    code, signing, err = await cli(env.settings, "keys", "list", "--org", org.org_id)
+    assert code == 0 and [k["kid"] for k in signing["items"]] == [org.kid], err
+
+    widget = ("--org", org.org_id, "--id", org.widget_token_id)
+    code, updated, err = await cli(
+        env.settings, "widget-token", "update", *widget, "--origin", "https://B.example"
+    )
+    assert code == 0, err
+    assert updated["allowedOrigins"] == ["https://b.example"]
+    # The same validation as the API: refused, problem on stderr, nothing changed.
+    code, _, err = await cli(
+        env.settings, "widget-token", "update", *widget, "--origin", "https://*.example"
+    )
+    assert code == 1
+    assert json.loads(err.strip().splitlines()[-1])["code"] == "validation_failed"
+    code, widgets, err = await cli(env.settings, "widget-token", "list", "--org", org.org_id)
+    assert widgets["items"][0]["allowedOrigins"] == ["https://b.example"]
+    code, revoked, err = await cli(env.settings, "widget-token", "revoke", *widget)
+    assert code == 0 and revoked["id"] == org.widget_token_id, err
+    code, _, err = await cli(env.settings, "api-key", "list", "--org", org.org_id, "--limit", "0")
+    assert code == 1
+    assert json.loads(err.strip().splitlines()[-1])["code"] == "validation_failed"
+    code, _, err = await cli(
+        env.settings, "widget-token", "revoke", "--org", org.org_id, "--id", "not-a-uuid"
+    )
+    assert code == 1
+    assert json.loads(err.strip().splitlines()[-1])["code"] == "not_found"

@@ -1,4 +1,5 @@
-"""Org API keys: created with scopes (shown once, stored as a hash), revoked by id.
+"""Org API keys: created with scopes (shown once, stored as a hash), listed (never the secret
+or its hash), revoked by id.
 
 Checking a key on a request is shared.identity.api_keys's job (every service does it the same way).
 """
@@ -6,16 +7,24 @@ Checking a key on a request is shared.identity.api_keys's job (every service doe
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
 
 from services.token_issuance import queries
-from services.token_issuance.schemas import ApiKeyCreated, ApiKeyRevoked, CreateApiKeyRequest
+from services.token_issuance.broadcast import Announce
+from services.token_issuance.schemas import (
+    ApiKeyCreated,
+    ApiKeyInfo,
+    ApiKeyList,
+    ApiKeyRevoked,
+    CreateApiKeyRequest,
+)
 from shared.db import in_transaction
 from shared.errors import not_found, validation_failed
 from shared.identity.api_keys import SCOPES, generate_api_key
+from shared.identity.revocation import CredentialChange
+from shared.web.pagination import PageRequest, next_cursor
 
 
 def check_scopes(scopes: list[str]) -> list[str]:
@@ -75,17 +84,38 @@ async def create_api_key(
     return await in_transaction(pool, work)
 
 
-@dataclass(frozen=True, slots=True)
-class Revocation:
-    response: ApiKeyRevoked
-    key_hash: bytes  # lets the caller drop the key from its authenticator cache
+async def list_api_keys(
+    pool: asyncpg.Pool, org_id: str, page: PageRequest[uuid.UUID]
+) -> ApiKeyList:
+    if await queries.fetch_org(pool, org_id) is None:
+        raise not_found("org")
+    rows = await queries.list_api_keys(pool, org_id, page)
+    items = [
+        ApiKeyInfo(
+            id=str(row["id"]),
+            display_prefix=row["display_prefix"],
+            scopes=list(row["scopes"]),
+            created_at=row["created_at"],
+            last_used_at=row["last_used_at"],
+            expires_at=row["expires_at"],
+            revoked_at=row["revoked_at"],
+        )
+        for row in rows[: page.limit]
+    ]
+    return ApiKeyList(items=items, next_cursor=next_cursor(rows, page.limit))
 
 
-async def revoke_api_key(pool: asyncpg.Pool, org_id: str, key_id: str) -> Revocation:
-    async def work(conn: asyncpg.Connection) -> Revocation:
+async def revoke_api_key(
+    pool: asyncpg.Pool, org_id: str, key_id: str, announce: Announce
+) -> ApiKeyRevoked:
+    """Revoke; every process stops accepting the key as soon as it hears the announcement."""
+
+    async def work(conn: asyncpg.Connection) -> ApiKeyRevoked:
         row = await queries.revoke_api_key(conn, org_id, key_id)
         if row is None:
             raise not_found("API key")
-        return Revocation(ApiKeyRevoked(id=key_id, revoked_at=row["revoked_at"]), row["key_hash"])
+        return ApiKeyRevoked(id=key_id, revoked_at=row["revoked_at"])
 
-    return await in_transaction(pool, work)
+    result = await in_transaction(pool, work)
+    await announce(CredentialChange("api_key", key_id))
+    return result

@@ -2,7 +2,8 @@
 
 They decode their input with the HTTP API's own decoders and call the same rule functions,
 so the CLI and ``/admin/v1`` cannot drift apart. Output is the HTTP response body as JSON;
-a refused command prints the problem document on stderr and exits 1.
+a refused command prints the problem document on stderr and exits 1. A change that ends or
+alters a credential is announced to the serving processes exactly as the API announces it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,12 +19,15 @@ import asyncpg
 import msgspec
 
 from services.token_issuance import api_keys, orgs, signing_keys, widget_tokens
+from services.token_issuance.broadcast import from_settings
 from services.token_issuance.keyring import Keyring
 from services.token_issuance.schemas import (
+    ADMIN_PAGE_MAX,
     create_api_key_decoder,
     create_org_decoder,
     create_widget_token_decoder,
     update_org_decoder,
+    update_widget_token_decoder,
 )
 from shared import db
 from shared.config import Settings
@@ -30,6 +35,7 @@ from shared.errors import Problem, validation_failed
 from shared.identity.revocation import announce_key_added, announce_key_deleted
 from shared.redis import create_redis
 from shared.web.http import parse_uuid
+from shared.web.pagination import PageRequest, parse_page
 
 T = TypeVar("T")
 Work = Callable[[asyncpg.Pool, Settings], Awaitable[Any]]
@@ -76,6 +82,10 @@ def _org(args: argparse.Namespace) -> str:
     return parse_uuid(args.org, "org")
 
 
+def _page(args: argparse.Namespace) -> PageRequest[uuid.UUID]:
+    return parse_page(args.limit, args.cursor, maximum=ADMIN_PAGE_MAX)
+
+
 async def _announce_new_key(settings: Settings, kid: str) -> None:
     # Running verifiers look the new kid up at once instead of after their back-off.
     redis = create_redis(settings)
@@ -108,12 +118,31 @@ def _cmd_org_show(args: argparse.Namespace) -> None:
     _run(work)
 
 
-def _cmd_org_update_policy(args: argparse.Namespace) -> None:
+def _cmd_org_list(args: argparse.Namespace) -> None:
     async def work(pool: asyncpg.Pool, settings: Settings) -> Any:
-        request = _decode(update_org_decoder, {"policy": _json_arg(args.policy, "--policy")})
-        return await orgs.update_org(pool, _org(args), request)
+        return await orgs.list_orgs(pool, _page(args))
 
     _run(work)
+
+
+def _update_org(args: argparse.Namespace, body: dict[str, Any]) -> None:
+    async def work(pool: asyncpg.Pool, settings: Settings) -> Any:
+        request = _decode(update_org_decoder, body)
+        return await orgs.update_org(pool, _org(args), request, from_settings(settings))
+
+    _run(work)
+
+
+def _cmd_org_update_policy(args: argparse.Namespace) -> None:
+    _update_org(args, {"policy": _json_arg(args.policy, "--policy")})
+
+
+def _cmd_org_disable(args: argparse.Namespace) -> None:
+    _update_org(args, {"disabled": True})
+
+
+def _cmd_org_enable(args: argparse.Namespace) -> None:
+    _update_org(args, {"disabled": False})
 
 
 def _cmd_api_key_create(args: argparse.Namespace) -> None:
@@ -128,10 +157,17 @@ def _cmd_api_key_create(args: argparse.Namespace) -> None:
     _run(work)
 
 
+def _cmd_api_key_list(args: argparse.Namespace) -> None:
+    async def work(pool: asyncpg.Pool, settings: Settings) -> Any:
+        return await api_keys.list_api_keys(pool, _org(args), _page(args))
+
+    _run(work)
+
+
 def _cmd_api_key_revoke(args: argparse.Namespace) -> None:
     async def work(pool: asyncpg.Pool, settings: Settings) -> Any:
         key_id = parse_uuid(args.key_id, "API key")
-        return (await api_keys.revoke_api_key(pool, _org(args), key_id)).response
+        return await api_keys.revoke_api_key(pool, _org(args), key_id, from_settings(settings))
 
     _run(work)
 
@@ -145,6 +181,48 @@ def _cmd_widget_token_create(args: argparse.Namespace) -> None:
     async def work(pool: asyncpg.Pool, settings: Settings) -> Any:
         request = _decode(create_widget_token_decoder, body)
         return await widget_tokens.create_widget_token(pool, _org(args), request)
+
+    _run(work)
+
+
+def _cmd_widget_token_list(args: argparse.Namespace) -> None:
+    async def work(pool: asyncpg.Pool, settings: Settings) -> Any:
+        return await widget_tokens.list_widget_tokens(pool, _org(args), _page(args))
+
+    _run(work)
+
+
+def _cmd_widget_token_update(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {}
+    if args.origin is not None:
+        body["allowedOrigins"] = args.origin
+    if args.settings is not None:
+        body["settings"] = _json_arg(args.settings, "--settings")
+
+    async def work(pool: asyncpg.Pool, settings: Settings) -> Any:
+        token_id = parse_uuid(args.id, "widget token")
+        request = _decode(update_widget_token_decoder, body)
+        return await widget_tokens.update_widget_token(
+            pool, _org(args), token_id, request, from_settings(settings)
+        )
+
+    _run(work)
+
+
+def _cmd_widget_token_revoke(args: argparse.Namespace) -> None:
+    async def work(pool: asyncpg.Pool, settings: Settings) -> Any:
+        token_id = parse_uuid(args.id, "widget token")
+        return await widget_tokens.revoke_widget_token(
+            pool, _org(args), token_id, from_settings(settings)
+        )
+
+    _run(work)
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> None:
+    async def work(pool: asyncpg.Pool, settings: Settings) -> Any:
+        page = parse_page(args.limit, args.cursor, maximum=ADMIN_PAGE_MAX, id_type=str)
+        return await signing_keys.list_signing_keys(pool, _org(args), page)
 
     _run(work)
 
@@ -173,10 +251,18 @@ def _cmd_keys_delete(args: argparse.Namespace) -> None:
     _run(work)
 
 
+def _paged(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", help=f"page size, 1..{ADMIN_PAGE_MAX} (default 20)")
+    p.add_argument("--cursor", help="nextCursor of the previous page")
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     org = sub.add_parser("org", help="organisations and their policy").add_subparsers(
         dest="org_command", required=True, metavar="ACTION"
     )
+    p = org.add_parser("list", help="list orgs, oldest first")
+    _paged(p)
+    p.set_defaults(func=_cmd_org_list)
     p = org.add_parser("create", help="create an org (with its first signing key)")
     p.add_argument("--name", required=True)
     p.add_argument("--policy", help="policy as a JSON object")
@@ -188,6 +274,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--org", required=True, help="org id")
     p.add_argument("--policy", required=True, help="JSON merge patch")
     p.set_defaults(func=_cmd_org_update_policy)
+    p = org.add_parser("disable", help="disable an org (its keys and tokens stop working)")
+    p.add_argument("--org", required=True, help="org id")
+    p.set_defaults(func=_cmd_org_disable)
+    p = org.add_parser("enable", help="enable a disabled org again")
+    p.add_argument("--org", required=True, help="org id")
+    p.set_defaults(func=_cmd_org_enable)
 
     keys = sub.add_parser("api-key", help="org API keys").add_subparsers(
         dest="api_key_command", required=True, metavar="ACTION"
@@ -197,6 +289,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--scopes", required=True, help="comma-separated, e.g. contacts:authenticate")
     p.add_argument("--expires-at", help="ISO 8601 time with zone")
     p.set_defaults(func=_cmd_api_key_create)
+    p = keys.add_parser("list", help="list an org's API keys (never the secret)")
+    p.add_argument("--org", required=True, help="org id")
+    _paged(p)
+    p.set_defaults(func=_cmd_api_key_list)
     p = keys.add_parser("revoke", help="revoke an API key")
     p.add_argument("--org", required=True, help="org id")
     p.add_argument("--key-id", required=True)
@@ -210,10 +306,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--origin", required=True, action="append", help="allowed origin (repeat)")
     p.add_argument("--settings", help="widget settings as a JSON object")
     p.set_defaults(func=_cmd_widget_token_create)
+    p = widget.add_parser("list", help="list an org's widget tokens")
+    p.add_argument("--org", required=True, help="org id")
+    _paged(p)
+    p.set_defaults(func=_cmd_widget_token_list)
+    p = widget.add_parser("update", help="replace a widget token's origins and/or settings")
+    p.add_argument("--org", required=True, help="org id")
+    p.add_argument("--id", required=True, help="widget token id")
+    p.add_argument("--origin", action="append", help="allowed origin (repeat; replaces all)")
+    p.add_argument("--settings", help="widget settings as a JSON object (replaces them)")
+    p.set_defaults(func=_cmd_widget_token_update)
+    p = widget.add_parser("revoke", help="revoke a widget token")
+    p.add_argument("--org", required=True, help="org id")
+    p.add_argument("--id", required=True, help="widget token id")
+    p.set_defaults(func=_cmd_widget_token_revoke)
 
     signing = sub.add_parser("keys", help="contact-token signing keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION"
     )
+    p = signing.add_parser("list", help="list an org's live signing keys")
+    p.add_argument("--org", required=True, help="org id")
+    _paged(p)
+    p.set_defaults(func=_cmd_keys_list)
     p = signing.add_parser("rotate", help="add a new signing key (old ones keep verifying)")
     p.add_argument("--org", required=True, help="org id")
     p.set_defaults(func=_cmd_keys_rotate)

@@ -1,4 +1,5 @@
-"""Orgs and their policy: creation (with the first signing key) and merge-patch updates."""
+"""Orgs and their policy: creation (with the first signing key), listing, merge-patch updates,
+disabling and enabling."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from typing import Any
 import asyncpg
 
 from services.token_issuance import queries
+from services.token_issuance.broadcast import Announce
 from services.token_issuance.schemas import (
     CreateOrgRequest,
     OrgInfo,
+    OrgList,
     SigningKeyInfo,
     UpdateOrgRequest,
 )
@@ -24,6 +27,8 @@ from shared.identity.org_policy import (
     policy_document,
     policy_from_row,
 )
+from shared.identity.revocation import CredentialChange
+from shared.web.pagination import PageRequest, next_cursor
 
 
 def _info(row: asyncpg.Record, signing_key: SigningKeyInfo | None = None) -> OrgInfo:
@@ -31,6 +36,8 @@ def _info(row: asyncpg.Record, signing_key: SigningKeyInfo | None = None) -> Org
         id=str(row["id"]),
         name=row["name"],
         policy=policy_document(policy_from_row(row["policy"])),
+        disabled=row["disabled_at"] is not None,
+        disabled_at=row["disabled_at"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         signing_key=signing_key,
@@ -66,9 +73,20 @@ async def get_org(pool: asyncpg.Pool, org_id: str) -> OrgInfo:
     return _info(row)
 
 
-async def update_org(pool: asyncpg.Pool, org_id: str, request: UpdateOrgRequest) -> OrgInfo:
-    """Rename and/or merge-patch the policy; the result is validated as a whole (422 and no
-    write when it is not a valid policy)."""
+async def list_orgs(pool: asyncpg.Pool, page: PageRequest[uuid.UUID]) -> OrgList:
+    rows = await queries.list_orgs(pool, page)
+    return OrgList(
+        items=[_info(row) for row in rows[: page.limit]],
+        next_cursor=next_cursor(rows, page.limit),
+    )
+
+
+async def update_org(
+    pool: asyncpg.Pool, org_id: str, request: UpdateOrgRequest, announce: Announce
+) -> OrgInfo:
+    """Rename, merge-patch the policy and/or disable or enable; the policy is validated as a
+    whole (422 and no write when it is not a valid policy). A policy or disabled change is
+    announced to every process once committed."""
 
     async def work(conn: asyncpg.Connection) -> OrgInfo:
         row = await queries.lock_org(conn, org_id)
@@ -78,6 +96,12 @@ async def update_org(pool: asyncpg.Pool, org_id: str, request: UpdateOrgRequest)
         if request.policy is not None:
             policy = policy_document(parse_policy(merge_patch(policy, request.policy)))
         name = _clean_name(request.name) if request.name is not None else row["name"]
-        return _info(await queries.update_org(conn, org_id, name, policy))
+        disabled = (
+            request.disabled if request.disabled is not None else row["disabled_at"] is not None
+        )
+        return _info(await queries.update_org(conn, org_id, name, policy, disabled))
 
-    return await in_transaction(pool, work)
+    result = await in_transaction(pool, work)
+    if request.policy is not None or request.disabled is not None:
+        await announce(CredentialChange("org", org_id))
+    return result

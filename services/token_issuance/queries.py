@@ -3,19 +3,30 @@ contacts). Every statement that touches org data is scoped by org_id."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any, TypeAlias
 
 import asyncpg
 
 from shared.bus.outbox import EventInsert
+from shared.web.pagination import PageRequest
 
 Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
 Row: TypeAlias = asyncpg.Record
 
 # --- orgs ----------------------------------------------------------------------------------
 
-_ORG_COLUMNS = "id, name, policy, created_at, updated_at"  # what orgs._info reads
+_ORG_COLUMNS = "id, name, policy, disabled_at, created_at, updated_at"  # what orgs._info reads
+
+# Keyset pages: rows after the cursor's (created_at, id), limit + 1 of them (the extra one
+# only tells whether there is a next page). $1/$2 are the cursor (NULL: from the start).
+_AFTER = "($1::timestamptz IS NULL OR ({columns}) > ($1::timestamptz, $2::{id_type}))"
+
+
+def _page_args(page: PageRequest[Any]) -> tuple[Any, Any, int]:
+    created_at, item_id = page.after if page.after is not None else (None, None)
+    return created_at, item_id, page.limit + 1
 
 
 async def insert_org(
@@ -47,16 +58,30 @@ async def lock_org(conn: asyncpg.Connection, org_id: str) -> Row | None:
 
 
 async def update_org(
-    conn: asyncpg.Connection, org_id: str, name: str, policy: dict[str, Any]
+    conn: asyncpg.Connection, org_id: str, name: str, policy: dict[str, Any], disabled: bool
 ) -> Row:
+    """Disabling an org that is already disabled keeps the first disabled_at."""
     row: Row = await conn.fetchrow(
-        f"""UPDATE orgs SET name = $2, policy = $3, updated_at = now() WHERE id = $1
-            RETURNING {_ORG_COLUMNS}""",
+        f"""UPDATE orgs SET name = $2, policy = $3,
+                disabled_at = CASE WHEN $4 THEN COALESCE(disabled_at, now()) END,
+                updated_at = now()
+            WHERE id = $1 RETURNING {_ORG_COLUMNS}""",
         org_id,
         name,
         policy,
+        disabled,
     )
     return row
+
+
+async def list_orgs(db: Executor, page: PageRequest[uuid.UUID]) -> list[Row]:
+    after = _AFTER.format(columns="created_at, id", id_type="uuid")
+    rows: list[Row] = await db.fetch(
+        f"""SELECT {_ORG_COLUMNS} FROM orgs WHERE {after}
+            ORDER BY created_at, id LIMIT $3""",
+        *_page_args(page),
+    )
+    return rows
 
 
 # --- API keys ------------------------------------------------------------------------------
@@ -89,14 +114,28 @@ async def revoke_api_key(conn: asyncpg.Connection, org_id: str, key_id: str) -> 
     """Revoke (idempotent: a second call returns the first revocation time)."""
     row: Row | None = await conn.fetchrow(
         """UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now())
-           WHERE id = $1 AND org_id = $2 RETURNING key_hash, revoked_at""",
+           WHERE id = $1 AND org_id = $2 RETURNING revoked_at""",
         key_id,
         org_id,
     )
     return row
 
 
+async def list_api_keys(db: Executor, org_id: str, page: PageRequest[uuid.UUID]) -> list[Row]:
+    after = _AFTER.format(columns="created_at, id", id_type="uuid")
+    rows: list[Row] = await db.fetch(
+        f"""SELECT id, display_prefix, scopes, created_at, last_used_at, expires_at, revoked_at
+            FROM api_keys WHERE org_id = $4 AND {after}
+            ORDER BY created_at, id LIMIT $3""",
+        *_page_args(page),
+        org_id,
+    )
+    return rows
+
+
 # --- widget tokens -------------------------------------------------------------------------
+
+_WIDGET_COLUMNS = "id, display_prefix, allowed_origins, settings, created_at, revoked_at"
 
 
 async def insert_widget_token(
@@ -119,6 +158,54 @@ async def insert_widget_token(
         display_prefix,
         allowed_origins,
         settings,
+    )
+    return row
+
+
+async def list_widget_tokens(db: Executor, org_id: str, page: PageRequest[uuid.UUID]) -> list[Row]:
+    after = _AFTER.format(columns="created_at, id", id_type="uuid")
+    rows: list[Row] = await db.fetch(
+        f"""SELECT {_WIDGET_COLUMNS} FROM widget_tokens WHERE org_id = $4 AND {after}
+            ORDER BY created_at, id LIMIT $3""",
+        *_page_args(page),
+        org_id,
+    )
+    return rows
+
+
+async def lock_widget_token(conn: asyncpg.Connection, org_id: str, token_id: str) -> Row | None:
+    row: Row | None = await conn.fetchrow(
+        f"""SELECT {_WIDGET_COLUMNS} FROM widget_tokens WHERE id = $1 AND org_id = $2
+            FOR UPDATE""",
+        token_id,
+        org_id,
+    )
+    return row
+
+
+async def update_widget_token(
+    conn: asyncpg.Connection,
+    token_id: str,
+    allowed_origins: list[str],
+    settings: dict[str, Any],
+) -> Row:
+    row: Row = await conn.fetchrow(
+        f"""UPDATE widget_tokens SET allowed_origins = $2, settings = $3 WHERE id = $1
+            RETURNING {_WIDGET_COLUMNS}""",
+        token_id,
+        allowed_origins,
+        settings,
+    )
+    return row
+
+
+async def revoke_widget_token(conn: asyncpg.Connection, org_id: str, token_id: str) -> Row | None:
+    """Revoke (idempotent: a second call returns the first revocation time)."""
+    row: Row | None = await conn.fetchrow(
+        """UPDATE widget_tokens SET revoked_at = COALESCE(revoked_at, now())
+           WHERE id = $1 AND org_id = $2 RETURNING revoked_at""",
+        token_id,
+        org_id,
     )
     return row
 
@@ -193,6 +280,18 @@ async def delete_signing_key(conn: asyncpg.Connection, org_id: str, kid: str) ->
         org_id,
     )
     return deleted_at
+
+
+async def list_signing_keys(db: Executor, org_id: str, page: PageRequest[str]) -> list[Row]:
+    after = _AFTER.format(columns="created_at, kid", id_type="text")
+    rows: list[Row] = await db.fetch(
+        f"""SELECT kid, alg, created_at FROM signing_keys
+            WHERE org_id = $4 AND deleted_at IS NULL AND {after}
+            ORDER BY created_at, kid LIMIT $3""",
+        *_page_args(page),
+        org_id,
+    )
+    return rows
 
 
 async def live_public_jwks(db: Executor, org_id: str | None) -> list[dict[str, Any]]:

@@ -25,6 +25,9 @@ Scalar = str | int | float | bool | None
 MAX_CUSTOM_DATA_BYTES = 4 * 1024
 MAX_CUSTOM_DATA_KEYS = 50
 
+# The largest page an admin list returns (``limit``); 20 when not given.
+ADMIN_PAGE_MAX = 100
+
 
 class _Request(msgspec.Struct, frozen=True, rename="camel", forbid_unknown_fields=True):
     pass
@@ -43,10 +46,13 @@ class CreateOrgRequest(_Request, frozen=True):
 
 
 class UpdateOrgRequest(_Request, frozen=True):
-    """``policy`` is an RFC 7396 merge patch onto the current policy (null resets a key)."""
+    """``policy`` is an RFC 7396 merge patch onto the current policy (null resets a key).
+    ``disabled``: true disables the org (its API keys, widget tokens and contact tokens are
+    refused on every replica within a second), false enables it again."""
 
     name: OrgName | None = None
     policy: dict[str, Any] | None = None
+    disabled: bool | None = None
 
 
 class SigningKeyInfo(_Response, frozen=True):
@@ -59,9 +65,18 @@ class OrgInfo(_Response, frozen=True):
     id: str
     name: str
     policy: dict[str, Any]
+    disabled: bool
+    disabled_at: Timestamp | None
     created_at: Timestamp
     updated_at: Timestamp
     signing_key: SigningKeyInfo | None = None
+
+
+class OrgList(_Response, frozen=True):
+    """One page of orgs, oldest first; pass ``nextCursor`` as ``cursor`` for the next."""
+
+    items: list[OrgInfo]
+    next_cursor: str | None
 
 
 # --- admin: API keys -----------------------------------------------------------------------
@@ -88,14 +103,43 @@ class ApiKeyRevoked(_Response, frozen=True):
     revoked_at: Timestamp
 
 
+class ApiKeyInfo(_Response, frozen=True):
+    """An API key as listed: never the key or its hash. ``lastUsedAt`` is accurate to about
+    a minute."""
+
+    id: str
+    display_prefix: str
+    scopes: list[str]
+    created_at: Timestamp
+    last_used_at: Timestamp | None
+    expires_at: Timestamp | None
+    revoked_at: Timestamp | None
+
+
+class ApiKeyList(_Response, frozen=True):
+    items: list[ApiKeyInfo]
+    next_cursor: str | None
+
+
 # --- admin: widget tokens ------------------------------------------------------------------
 
 
+AllowedOrigins = Annotated[
+    list[Annotated[str, msgspec.Meta(max_length=300)]], msgspec.Meta(max_length=MAX_ORIGINS)
+]
+
+
 class CreateWidgetTokenRequest(_Request, frozen=True):
-    allowed_origins: Annotated[
-        list[Annotated[str, msgspec.Meta(max_length=300)]], msgspec.Meta(max_length=MAX_ORIGINS)
-    ]
+    allowed_origins: AllowedOrigins
     settings: WidgetSettings = msgspec.field(default_factory=WidgetSettings)
+
+
+class UpdateWidgetTokenRequest(_Request, frozen=True):
+    """Each field given replaces the stored one as a whole and is validated as on creation;
+    at least one is required."""
+
+    allowed_origins: AllowedOrigins | None = None
+    settings: WidgetSettings | None = None
 
 
 class WidgetTokenCreated(_Response, frozen=True):
@@ -107,12 +151,41 @@ class WidgetTokenCreated(_Response, frozen=True):
     created_at: Timestamp
 
 
+class WidgetTokenInfo(_Response, frozen=True):
+    """A widget token as listed or updated (the full token is shown only on creation)."""
+
+    id: str
+    display_prefix: str
+    allowed_origins: list[str]
+    settings: dict[str, Any]
+    created_at: Timestamp
+    revoked_at: Timestamp | None
+
+
+class WidgetTokenList(_Response, frozen=True):
+    items: list[WidgetTokenInfo]
+    next_cursor: str | None
+
+
+class WidgetTokenRevoked(_Response, frozen=True):
+    id: str
+    revoked_at: Timestamp
+
+
 # --- admin: signing keys -------------------------------------------------------------------
 
 
 class SigningKeyDeleted(_Response, frozen=True):
     kid: str
     deleted_at: Timestamp
+
+
+class SigningKeyList(_Response, frozen=True):
+    """The org's live signing keys, oldest first (deleted keys are not listed: they neither
+    sign nor verify)."""
+
+    items: list[SigningKeyInfo]
+    next_cursor: str | None
 
 
 # --- POST /widget/authenticate-user --------------------------------------------------------
@@ -158,4 +231,5 @@ create_org_decoder = msgspec.json.Decoder(CreateOrgRequest)
 update_org_decoder = msgspec.json.Decoder(UpdateOrgRequest)
 create_api_key_decoder = msgspec.json.Decoder(CreateApiKeyRequest)
 create_widget_token_decoder = msgspec.json.Decoder(CreateWidgetTokenRequest)
+update_widget_token_decoder = msgspec.json.Decoder(UpdateWidgetTokenRequest)
 authenticate_user_decoder = msgspec.json.Decoder(AuthenticateUserRequest)

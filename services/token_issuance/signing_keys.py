@@ -21,10 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from services.token_issuance import queries
-from services.token_issuance.schemas import SigningKeyDeleted, SigningKeyInfo
+from services.token_issuance.schemas import SigningKeyDeleted, SigningKeyInfo, SigningKeyList
 from shared.db import in_transaction
 from shared.errors import ConfigError, Problem, not_found
 from shared.identity.contact_tokens import TOKEN_TYPE
+from shared.web.pagination import PageRequest, next_cursor
 
 _FORMAT_V1 = b"\x01"
 _NONCE_BYTES = 12
@@ -120,6 +121,22 @@ async def add_signing_key(
         private_key_enc=new.private_key_enc,
     )
     return SigningKeyInfo(kid=row["kid"], alg=row["alg"], created_at=row["created_at"])
+
+
+async def list_signing_keys(
+    pool: asyncpg.Pool, org_id: str, page: PageRequest[str]
+) -> SigningKeyList:
+    """The org's live keys (deleted ones are left out, as in the JWKS)."""
+    if await queries.fetch_org(pool, org_id) is None:
+        raise not_found("org")
+    rows = await queries.list_signing_keys(pool, org_id, page)
+    return SigningKeyList(
+        items=[
+            SigningKeyInfo(kid=row["kid"], alg=row["alg"], created_at=row["created_at"])
+            for row in rows[: page.limit]
+        ],
+        next_cursor=next_cursor(rows, page.limit, id_column="kid"),
+    )
 
 
 async def rotate(pool: asyncpg.Pool, kek: bytes, org_id: str, alg: str) -> SigningKeyInfo:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import time
@@ -19,12 +20,20 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from shared.config import SETTINGS
-from shared.db import DB_POOL
+from shared.db import DB_POOL, TRANSIENT_DB_ERRORS
 from shared.errors import Problem, insufficient_scope, invalid_api_key
+from shared.identity.credential_cache import CredentialCache
+from shared.identity.revocation import CredentialChange
 from shared.web.http import bearer_token
+
+log = logging.getLogger(__name__)
 
 API_KEY_PREFIX = "wik_"
 _API_KEY = re.compile(r"^wik_[A-Za-z0-9_-]{43}$")
+
+# lastUsedAt is written at most once per key per process in this many seconds: it must not
+# cost a write per request, and "about a minute ago" is what an admin needs to know.
+LAST_USED_INTERVAL = 60.0
 
 # Every scope a key can carry; creating a key with anything else is a 422.
 SCOPES = frozenset(
@@ -63,40 +72,38 @@ class ApiKeyPrincipal:
 
 
 class ApiKeyAuthenticator:
-    """Checks bearer API keys, caching good ones briefly so hot paths skip Postgres.
+    """Checks bearer API keys, caching good ones so hot paths skip Postgres.
 
-    A revoked key stops working on every replica within ``cache_ttl`` seconds.
+    A revoked key, or any key of a disabled org, stops working on every replica within a
+    second: the revocation listener drops it from every process's cache (``changed``).
     """
 
     def __init__(self, *, cache_ttl: float = 5.0, max_entries: int = 10_000) -> None:
-        self._ttl = cache_ttl
         self._max = max_entries
-        self._cache: dict[bytes, tuple[float, ApiKeyPrincipal]] = {}
+        self._cache: CredentialCache[bytes, ApiKeyPrincipal] = CredentialCache(
+            ttl=cache_ttl, max_entries=max_entries
+        )
+        self._used: dict[str, float] = {}  # key id -> when this process last wrote lastUsedAt
 
     async def authenticate(self, request: web.Request, scope: str) -> ApiKeyPrincipal:
         raw = bearer_token(request)
         if raw is None or not _API_KEY.match(raw):
             raise invalid_api_key()
         key_hash = hash_secret(raw)
-        now = time.monotonic()
-        cached = self._cache.get(key_hash)
-        if cached is not None and cached[0] > now:
-            principal = cached[1]
-        else:
-            principal = await self._load(request, key_hash)
-            if len(self._cache) >= self._max:
-                self._cache.clear()  # bounded memory beats a perfect LRU here
-            self._cache[key_hash] = (now + self._ttl, principal)
+        principal = await self._cache.get(key_hash, lambda: self._load(request, key_hash))
         if principal.expires_at is not None and principal.expires_at <= datetime.now(UTC):
             raise invalid_api_key()
+        await self._record_use(request, principal.key_id)
         if scope not in principal.scopes:
             raise insufficient_scope(scope)
         return principal
 
     async def _load(self, request: web.Request, key_hash: bytes) -> ApiKeyPrincipal:
+        # A disabled org's keys are simply not found: the same 401 as any other bad key.
         row = await request.app[DB_POOL].fetchrow(
-            """SELECT id, org_id, scopes, expires_at FROM api_keys
-               WHERE key_hash = $1 AND revoked_at IS NULL""",
+            """SELECT k.id, k.org_id, k.scopes, k.expires_at
+               FROM api_keys k JOIN orgs o ON o.id = k.org_id
+               WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND o.disabled_at IS NULL""",
             key_hash,
         )
         if row is None:
@@ -108,12 +115,34 @@ class ApiKeyAuthenticator:
             expires_at=row["expires_at"],
         )
 
-    def forget(self, key_hash: bytes | None = None) -> None:
-        """Drop cached keys (all, or one), e.g. right after this process revoked a key."""
-        if key_hash is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(key_hash, None)
+    async def _record_use(self, request: web.Request, key_id: str) -> None:
+        """Stamp lastUsedAt at most once per LAST_USED_INTERVAL per key in this process (so
+        N replicas write it at most N times a minute), never once per request."""
+        now = time.monotonic()
+        if now - self._used.get(key_id, float("-inf")) < LAST_USED_INTERVAL:
+            return
+        if len(self._used) >= self._max:
+            self._used.clear()
+        self._used[key_id] = now  # before the write: a failing write is not retried per request
+        try:
+            await request.app[DB_POOL].execute(
+                "UPDATE api_keys SET last_used_at = now() WHERE id = $1", key_id
+            )
+        except TRANSIENT_DB_ERRORS as exc:
+            log.warning("could not record an API key's last use", extra={"error": repr(exc)})
+
+    def set_live(self, live: bool) -> None:
+        self._cache.set_live(live)
+
+    def changed(self, change: CredentialChange) -> None:
+        if change.kind == "api_key":
+            self._cache.drop_where(lambda p: p.key_id == change.id)
+        elif change.kind == "org":
+            self._cache.drop_where(lambda p: p.org_id == change.id)
+
+    def forget(self) -> None:
+        """Drop every cached key."""
+        self._cache.clear()
 
 
 API_KEYS: web.AppKey[ApiKeyAuthenticator] = web.AppKey("api_keys", ApiKeyAuthenticator)

@@ -36,9 +36,7 @@ from prometheus_client import Counter
 from shared.config import SETTINGS, Settings
 from shared.db import DB_POOL, TRANSIENT_DB_ERRORS
 from shared.errors import Problem
-from shared.identity.revocation import RevocationCache, RevocationListener
-from shared.lifecycle import add_worker
-from shared.redis import WORKER_REDIS
+from shared.identity.revocation import RevocationCache, install_revocation_feed
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +300,10 @@ class ContactTokenVerifier:
         if claims.org != key.org_id or claims.org != org_id:
             raise org_mismatch()
         state = await self.revocations.state(self._pool, org_id, claims.sub)
-        if state.revokes(claims.iat):
+        # A disabled org's tokens read as revoked: the org's admin withdrew them, and every
+        # client already treats token_revoked as "get a new token" (token_invalid would blame
+        # the token itself, which is well-formed and signed by a live key).
+        if state.revokes(claims.iat) or state.org_disabled:
             raise token_revoked()
         return ContactClaims(
             contact_id=claims.sub,
@@ -361,8 +362,9 @@ CONTACT_TOKENS: web.AppKey[ContactTokenVerifier] = web.AppKey(
 
 
 def install_verifier(app: web.Application) -> None:
-    """Idempotent. Adds ``app[CONTACT_TOKENS]`` and the revocation listener worker to an app
-    built by ``service_app``; the verifier binds to the app's pool at start-up."""
+    """Idempotent. Adds ``app[CONTACT_TOKENS]`` to an app built by ``service_app`` and
+    registers its caches with the app's revocation listener; the verifier binds to the app's
+    pool at start-up."""
     if CONTACT_TOKENS in app:
         return
     settings = app[SETTINGS]
@@ -374,16 +376,7 @@ def install_verifier(app: web.Application) -> None:
         yield
 
     app.cleanup_ctx.append(bind)
-    add_worker(
-        app,
-        "token-revocations",
-        lambda app: (
-            RevocationListener(
-                settings,
-                app[WORKER_REDIS],
-                verifier.revocations,
-                on_key_deleted=verifier.key_deleted,
-                on_key_added=verifier.key_added,
-            ).run
-        ),
-    )
+    feed = install_revocation_feed(app)
+    feed.watch_contacts(verifier.revocations)
+    feed.on_key_deleted(verifier.key_deleted)
+    feed.on_key_added(verifier.key_added)

@@ -19,7 +19,6 @@ Keys (camelCase in JSON):
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 import asyncpg
@@ -28,6 +27,8 @@ from aiohttp import web
 
 from shared.config import RateLimits
 from shared.errors import not_found, validation_failed
+from shared.identity.credential_cache import CredentialCache
+from shared.identity.revocation import CredentialChange, install_revocation_feed
 
 DEFAULT_TOKEN_TTL_SECONDS = 3600
 MIN_TOKEN_TTL_SECONDS = 60
@@ -103,35 +104,38 @@ def merge_patch(current: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any
 
 
 class PolicyCache:
-    """Org policies cached in-process for a few seconds: read on every hot-path request, changed
-    rarely. A policy update is seen by this process at once (``forget``) and by the other
-    replicas within ``ttl`` seconds."""
+    """Org policies cached in-process: read on every hot-path request, changed rarely. A
+    policy update (or disabling/enabling the org) is seen by this process at once and by the
+    other replicas within a second: the revocation listener drops the org's entry."""
 
     def __init__(self, *, ttl: float = 5.0, max_entries: int = 10_000) -> None:
-        self._ttl = ttl
-        self._max = max_entries
-        self._entries: dict[str, tuple[float, OrgPolicy]] = {}
+        self._cache: CredentialCache[str, OrgPolicy] = CredentialCache(
+            ttl=ttl, max_entries=max_entries
+        )
 
     async def get(self, pool: asyncpg.Pool, org_id: str) -> OrgPolicy:
         """The org's policy; 404 not_found when the org does not exist."""
-        now = time.monotonic()
-        cached = self._entries.get(org_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        stored = await pool.fetchval("SELECT policy FROM orgs WHERE id = $1", org_id)
-        if stored is None:
-            raise not_found("org")
-        policy = policy_from_row(stored)
-        if len(self._entries) >= self._max:
-            self._entries.clear()  # bounded memory beats a perfect LRU here
-        self._entries[org_id] = (now + self._ttl, policy)
-        return policy
+
+        async def load() -> OrgPolicy:
+            stored = await pool.fetchval("SELECT policy FROM orgs WHERE id = $1", org_id)
+            if stored is None:
+                raise not_found("org")
+            return policy_from_row(stored)
+
+        return await self._cache.get(org_id, load)
+
+    def set_live(self, live: bool) -> None:
+        self._cache.set_live(live)
+
+    def changed(self, change: CredentialChange) -> None:
+        if change.kind == "org":
+            self._cache.drop(change.id)
 
     def forget(self, org_id: str | None = None) -> None:
         if org_id is None:
-            self._entries.clear()
+            self._cache.clear()
         else:
-            self._entries.pop(org_id, None)
+            self._cache.drop(org_id)
 
 
 POLICIES: web.AppKey[PolicyCache] = web.AppKey("org_policies", PolicyCache)
@@ -141,3 +145,4 @@ def install_policies(app: web.Application) -> None:
     """Idempotent: every service that reads policies calls this from its ``setup``."""
     if POLICIES not in app:
         app[POLICIES] = PolicyCache()
+        install_revocation_feed(app).watch(app[POLICIES])

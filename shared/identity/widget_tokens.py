@@ -16,7 +16,6 @@ Settings (camelCase in JSON):
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -28,6 +27,8 @@ from aiohttp import web
 
 from shared.errors import validation_failed
 from shared.identity.api_keys import hash_secret
+from shared.identity.credential_cache import CredentialCache
+from shared.identity.revocation import CredentialChange, install_revocation_feed
 
 FIELD_NAME_PATTERN = r"^[a-zA-Z][a-zA-Z0-9_]{0,39}$"
 # Collected natively by the widget; an extra field with these names would shadow them.
@@ -155,25 +156,28 @@ class WidgetToken:
 
 class WidgetTokenDirectory:
     """Widget tokens by their SHA-256, cached in-process: read on every widget load, changed
-    rarely. A revoked token stops working on every replica within ``ttl`` seconds; unknown
-    tokens are remembered for ``negative_ttl`` so a flood of made-up tokens costs few reads."""
+    rarely. A revoked or updated token, or a disabled org, takes effect on every replica
+    within a second: the revocation listener drops the affected entries (``changed``).
+    Unknown tokens are remembered for ``negative_ttl`` so a flood of made-up tokens costs few
+    reads."""
 
     def __init__(
         self, *, ttl: float = 30.0, negative_ttl: float = 2.0, max_entries: int = 10_000
     ) -> None:
-        self._ttl = ttl
-        self._negative_ttl = negative_ttl
-        self._max = max_entries
-        self._entries: dict[bytes, tuple[float, WidgetToken | None]] = {}
+        self._cache: CredentialCache[bytes, WidgetToken | None] = CredentialCache(
+            ttl=ttl, negative_ttl=negative_ttl, max_entries=max_entries
+        )
 
     async def get(self, pool: asyncpg.Pool, token: str) -> WidgetToken | None:
-        """The live widget token presented by a browser, or None."""
+        """The live widget token presented by a browser, or None (unknown, revoked, or its
+        org is disabled: all refused alike)."""
         token_hash = hash_secret(token)
         return await self._cached(
             token_hash,
             pool,
-            """SELECT id, org_id, allowed_origins, settings FROM widget_tokens
-               WHERE token_hash = $1 AND revoked_at IS NULL""",
+            """SELECT w.id, w.org_id, w.allowed_origins, w.settings
+               FROM widget_tokens w JOIN orgs o ON o.id = w.org_id
+               WHERE w.token_hash = $1 AND w.revoked_at IS NULL AND o.disabled_at IS NULL""",
             token_hash,
         )
 
@@ -190,29 +194,32 @@ class WidgetTokenDirectory:
     async def _cached(
         self, cache_key: bytes, pool: asyncpg.Pool, sql: str, arg: object
     ) -> WidgetToken | None:
-        now = time.monotonic()
-        cached = self._entries.get(cache_key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        row = await pool.fetchrow(sql, arg)
-        found = (
-            None
-            if row is None
-            else WidgetToken(
+        async def load() -> WidgetToken | None:
+            row = await pool.fetchrow(sql, arg)
+            if row is None:
+                return None
+            return WidgetToken(
                 id=str(row["id"]),
                 org_id=str(row["org_id"]),
                 allowed_origins=frozenset(row["allowed_origins"]),
                 settings=widget_settings_from_row(row["settings"]),
             )
-        )
-        if len(self._entries) >= self._max:
-            self._entries.clear()  # bounded memory beats a perfect LRU here
-        self._entries[cache_key] = (now + (self._ttl if found else self._negative_ttl), found)
-        return found
+
+        return await self._cache.get(cache_key, load)
+
+    def set_live(self, live: bool) -> None:
+        self._cache.set_live(live)
+
+    def changed(self, change: CredentialChange) -> None:
+        if change.kind == "widget_token":
+            self._cache.drop_where(lambda w: w is not None and w.id == change.id)
+        elif change.kind == "org":
+            # "Unknown" entries too: an enabled org's tokens must work again at once.
+            self._cache.drop_where(lambda w: w is None or w.org_id == change.id)
 
     def forget(self) -> None:
-        """Drop everything cached (e.g. right after this process revoked a widget token)."""
-        self._entries.clear()
+        """Drop everything cached."""
+        self._cache.clear()
 
 
 WIDGET_TOKENS: web.AppKey[WidgetTokenDirectory] = web.AppKey("widget_tokens", WidgetTokenDirectory)
@@ -222,3 +229,4 @@ def install_widget_tokens(app: web.Application) -> None:
     """Idempotent: every service that resolves widget tokens calls this from its ``setup``."""
     if WIDGET_TOKENS not in app:
         app[WIDGET_TOKENS] = WidgetTokenDirectory()
+        install_revocation_feed(app).watch(app[WIDGET_TOKENS])

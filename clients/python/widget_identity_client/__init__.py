@@ -45,6 +45,7 @@ from widget_identity_client.errors import (
     UnsupportedMediaType,
     ValidationFailed,
     WidgetIdentityError,
+    WidgetTokenRevoked,
 )
 from widget_identity_client.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
 from widget_identity_client.widget import WidgetClient
@@ -91,4 +92,5 @@ __all__ = [
     "WidgetClient",
     "WidgetIdentityClient",
     "WidgetIdentityError",
+    "WidgetTokenRevoked",
 ]

@@ -14,7 +14,8 @@ Classes by status, with the codes that refine them::
     403 Forbidden             InsufficientScope, OrgMismatch, ExternalIdMismatch,
                               ExternalIdUnsigned, OriginNotAllowed, ScopeMismatch
     404 NotFound
-    409 Conflict              IdentityConflict, NoSigningKey, LastSigningKey, MergeNotUndoable
+    409 Conflict              IdentityConflict, NoSigningKey, LastSigningKey, MergeNotUndoable,
+                              WidgetTokenRevoked
     413 PayloadTooLarge
     415 UnsupportedMediaType
     422 ValidationFailed      (``errors``: the invalid fields, when the server names them)
@@ -245,6 +246,10 @@ class NoSigningKey(Conflict, codes=("no_signing_key",)):
 
 class LastSigningKey(Conflict, codes=("last_signing_key",)):
     """409 ``last_signing_key``: the org's only live key; rotate before deleting it."""
+
+
+class WidgetTokenRevoked(Conflict, codes=("widget_token_revoked",)):
+    """409 ``widget_token_revoked``: a revoked widget token is not changed."""
 
 
 class MergeNotUndoable(Conflict, codes=("merge_not_undoable",)):

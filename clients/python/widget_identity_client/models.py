@@ -48,6 +48,25 @@ class ApiKeyCreated(Model, kw_only=True, frozen=True):
     expires_at: datetime | None = None
 
 
+class ApiKeyInfo(Model, kw_only=True, frozen=True):
+    """An API key as listed: never the key or its hash. `lastUsedAt` is accurate to about
+    a minute.
+    """
+
+    id: str
+    display_prefix: str
+    scopes: list[str]
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyList(Model, kw_only=True, frozen=True):
+    items: list[ApiKeyInfo]
+    next_cursor: str | None
+
+
 class ApiKeyRevoked(Model, kw_only=True, frozen=True):
     id: str
     revoked_at: datetime
@@ -316,9 +335,18 @@ class OrgInfo(Model, kw_only=True, frozen=True):
     id: str
     name: str
     policy: dict[str, Any]
+    disabled: bool
+    disabled_at: datetime | None
     created_at: datetime
     updated_at: datetime
     signing_key: SigningKeyInfo | None = None
+
+
+class OrgList(Model, kw_only=True, frozen=True):
+    """One page of orgs, oldest first; pass `nextCursor` as `cursor` for the next."""
+
+    items: list[OrgInfo]
+    next_cursor: str | None
 
 
 class OrgPolicy(Model, kw_only=True, frozen=True):
@@ -445,6 +473,15 @@ class SigningKeyInfo(Model, kw_only=True, frozen=True):
     created_at: datetime
 
 
+class SigningKeyList(Model, kw_only=True, frozen=True):
+    """The org's live signing keys, oldest first (deleted keys are not listed: they neither
+    sign nor verify).
+    """
+
+    items: list[SigningKeyInfo]
+    next_cursor: str | None
+
+
 class TokensRevokedData(Model, kw_only=True, frozen=True):
     contact_id: str
     not_before: datetime
@@ -462,10 +499,23 @@ class UndoResult(Model, kw_only=True, frozen=True):
 
 
 class UpdateOrgRequest(Model, kw_only=True, frozen=True):
-    """`policy` is an RFC 7396 merge patch onto the current policy (null resets a key)."""
+    """`policy` is an RFC 7396 merge patch onto the current policy (null resets a key).
+    `disabled`: true disables the org (its API keys, widget tokens and contact tokens are
+    refused on every replica within a second), false enables it again.
+    """
 
     name: str | None = None
     policy: dict[str, Any] | None = None
+    disabled: bool | None = None
+
+
+class UpdateWidgetTokenRequest(Model, kw_only=True, frozen=True):
+    """Each field given replaces the stored one as a whole and is validated as on creation;
+    at least one is required.
+    """
+
+    allowed_origins: list[str] | None = None
+    settings: WidgetSettings | None = None
 
 
 class UserIn(Model, kw_only=True, frozen=True):
@@ -513,6 +563,27 @@ class WidgetTokenCreated(Model, kw_only=True, frozen=True):
     allowed_origins: list[str]
     settings: dict[str, Any]
     created_at: datetime
+
+
+class WidgetTokenInfo(Model, kw_only=True, frozen=True):
+    """A widget token as listed or updated (the full token is shown only on creation)."""
+
+    id: str
+    display_prefix: str
+    allowed_origins: list[str]
+    settings: dict[str, Any]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class WidgetTokenList(Model, kw_only=True, frozen=True):
+    items: list[WidgetTokenInfo]
+    next_cursor: str | None
+
+
+class WidgetTokenRevoked(Model, kw_only=True, frozen=True):
+    id: str
+    revoked_at: datetime
 
 
 AnyEvent: TypeAlias = (

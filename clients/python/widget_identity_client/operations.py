@@ -12,6 +12,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from widget_identity_client.models import (
     ApiKeyCreated,
+    ApiKeyList,
     ApiKeyRevoked,
     AuthenticateUserResponse,
     CreatedConversation,
@@ -25,13 +26,18 @@ from widget_identity_client.models import (
     MergeOut,
     MessageOut,
     OrgInfo,
+    OrgList,
     SessionInfoOut,
     SessionOut,
     SigningKeyDeleted,
     SigningKeyInfo,
+    SigningKeyList,
     TokensRevokedResponse,
     UndoResult,
     WidgetTokenCreated,
+    WidgetTokenInfo,
+    WidgetTokenList,
+    WidgetTokenRevoked,
 )
 
 R = TypeVar("R")
@@ -72,6 +78,17 @@ CREATE_ORG = Operation(
 )
 
 
+LIST_ORGS = Operation(
+    "listOrgs",
+    "GET",
+    "/admin/v1/orgs",
+    OrgList,
+    status=200,
+    security="adminToken",
+    scopes=(),
+)
+
+
 GET_ORG = Operation(
     "getOrg",
     "GET",
@@ -105,6 +122,17 @@ CREATE_API_KEY = Operation(
 )
 
 
+LIST_API_KEYS = Operation(
+    "listApiKeys",
+    "GET",
+    "/admin/v1/orgs/{orgId}/api-keys",
+    ApiKeyList,
+    status=200,
+    security="adminToken",
+    scopes=(),
+)
+
+
 REVOKE_API_KEY = Operation(
     "revokeApiKey",
     "DELETE",
@@ -127,6 +155,17 @@ ROTATE_SIGNING_KEY = Operation(
 )
 
 
+LIST_SIGNING_KEYS = Operation(
+    "listSigningKeys",
+    "GET",
+    "/admin/v1/orgs/{orgId}/signing-keys",
+    SigningKeyList,
+    status=200,
+    security="adminToken",
+    scopes=(),
+)
+
+
 DELETE_SIGNING_KEY = Operation(
     "deleteSigningKey",
     "DELETE",
@@ -144,6 +183,39 @@ CREATE_WIDGET_TOKEN = Operation(
     "/admin/v1/orgs/{orgId}/widget-tokens",
     WidgetTokenCreated,
     status=201,
+    security="adminToken",
+    scopes=(),
+)
+
+
+LIST_WIDGET_TOKENS = Operation(
+    "listWidgetTokens",
+    "GET",
+    "/admin/v1/orgs/{orgId}/widget-tokens",
+    WidgetTokenList,
+    status=200,
+    security="adminToken",
+    scopes=(),
+)
+
+
+UPDATE_WIDGET_TOKEN = Operation(
+    "updateWidgetToken",
+    "PATCH",
+    "/admin/v1/orgs/{orgId}/widget-tokens/{widgetTokenId}",
+    WidgetTokenInfo,
+    status=200,
+    security="adminToken",
+    scopes=(),
+)
+
+
+REVOKE_WIDGET_TOKEN = Operation(
+    "revokeWidgetToken",
+    "DELETE",
+    "/admin/v1/orgs/{orgId}/widget-tokens/{widgetTokenId}",
+    WidgetTokenRevoked,
+    status=200,
     security="adminToken",
     scopes=(),
 )
@@ -341,14 +413,20 @@ ALL: tuple[Operation[Any], ...] = (
     GET_ORG,
     GET_SESSION,
     JWKS,
+    LIST_API_KEYS,
     LIST_DEVICES,
+    LIST_ORGS,
+    LIST_SIGNING_KEYS,
+    LIST_WIDGET_TOKENS,
     LOGOUT,
     MERGE_CONTACTS,
     REVOKE_API_KEY,
     REVOKE_TOKENS,
+    REVOKE_WIDGET_TOKEN,
     ROTATE_SIGNING_KEY,
     SESSION_HISTORY,
     UNDO_MERGE,
     UPDATE_ORG,
+    UPDATE_WIDGET_TOKEN,
     VISITOR_HISTORY,
 )

@@ -4,8 +4,9 @@ Only calls that are safe to repeat are retried: a request whose answer was lost 
 taken effect, and repeating a non-idempotent one (mint a token, record a message, start a
 merge) would do it twice. Safe here means the server makes doing it twice leave the same state
 as doing it once: every GET, every DELETE (erasing, unbinding, revoking an API key, deleting a
-signing key: a repeat finds the work done), and the org update (an RFC 7396 merge patch). No
-POST is retried, not even on a connection error.
+signing key: a repeat finds the work done), the org update (an RFC 7396 merge patch, and
+``disabled`` set to a value) and the widget token update (it replaces fields with the values
+given). No POST is retried, not even on a connection error.
 
 What is retried: connection errors and timeouts, 502/503/504 and 429. Waits grow
 exponentially with full jitter, capped; a ``Retry-After`` from the server is the wait instead,
@@ -24,7 +25,7 @@ from widget_identity_client.operations import Operation
 
 # HTTP methods the server implements idempotently, and the other operations it does.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "DELETE", "PUT"})
-IDEMPOTENT_OPERATIONS = frozenset({"updateOrg"})
+IDEMPOTENT_OPERATIONS = frozenset({"updateOrg", "updateWidgetToken"})
 RETRIED_STATUSES = frozenset({429, 502, 503, 504})
 
 
