@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import asyncpg
 import msgspec
 
+from services.cli_support import load_settings, print_json, run_async
 from services.token_issuance import api_keys, orgs, signing_keys, widget_tokens
 from services.token_issuance.keyring import Keyring
 from services.token_issuance.schemas import (
@@ -52,9 +53,6 @@ def _json_arg(raw: str | None, what: str) -> Any:
 
 
 def _run(work: Work) -> None:
-    # Imported here: services.cli imports this module to register the commands.
-    from services.cli import load_settings, print_json, run_async
-
     settings = load_settings()
 
     async def go() -> Any:
