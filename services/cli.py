@@ -7,18 +7,16 @@ connection problem ends the command with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import secrets
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
 from services import all_in_one
+from services.cli_support import load_settings, print_json, run_async
 from services.history import app as history
 from services.session_resolution import app as session_resolution
 from services.token_issuance import app as token_issuance
@@ -31,6 +29,8 @@ from shared.lifecycle import serve
 from shared.observability import configure_logging
 from shared.redis import check_reachable, create_redis
 
+# ``serve <name>`` runs a service's create_app; ``consume <name>`` its create_consumer_app,
+# for the services whose consumers run apart from their API.
 APPS: dict[str, Callable[[Settings], web.Application]] = {
     "all": all_in_one.create_app,
     token_issuance.NAME: token_issuance.create_app,
@@ -44,21 +44,6 @@ CONSUMERS: dict[str, Callable[[Settings], web.Application]] = {
 # Extra command groups (admin, keys, ...) register themselves here from their service.
 CommandRegistrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 REGISTRARS: list[CommandRegistrar] = [token_issuance_cli.register]
-
-
-def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
-    sys.stdout.flush()
-
-
-def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run(coro)
-
-
-def load_settings() -> Settings:
-    settings = Settings.from_env()
-    configure_logging(settings.log_level, json=settings.log_json)
-    return settings
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:

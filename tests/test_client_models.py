@@ -19,16 +19,15 @@ from widget_identity_client.operations import ALL
 from widget_identity_client.retry import is_idempotent
 
 ROOT = Path(__file__).resolve().parent.parent
-GENERATOR = ROOT / "clients" / "python" / "generate.py"
-COMMAND = ".venv/bin/python clients/python/generate.py"
+COMMAND = ".venv/bin/python -m tools.generate_client"
 CLIENTS = (WidgetIdentityClient, AdminClient, WidgetClient)
 
 
 @pytest.fixture(scope="module")
 def stale() -> set[str]:
-    """What ``generate.py --check`` finds stale (it writes nothing), as repository paths."""
+    """What ``tools.generate_client --check`` finds stale (it writes nothing), as repository paths."""
     result = subprocess.run(
-        [sys.executable, str(GENERATOR), "--check"],
+        [sys.executable, "-m", "tools.generate_client", "--check"],
         capture_output=True,
         text=True,
         cwd=ROOT,

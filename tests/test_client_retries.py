@@ -110,7 +110,15 @@ SUCCESS = {
         )
     ),
     "PATCH": msgspec.json.encode(
-        OrgInfo(id=ID, name="Acme", policy={}, created_at=NOW, updated_at=NOW)
+        OrgInfo(
+            id=ID,
+            name="Acme",
+            policy={},
+            disabled=False,
+            disabled_at=None,
+            created_at=NOW,
+            updated_at=NOW,
+        )
     ),
     "DELETE": msgspec.json.encode(
         ErasureReceipt(

@@ -118,7 +118,7 @@ def test_a_sigkilled_run_does_not_block_the_next_start(
 ) -> None:
     # False stands for a platform without PR_SET_PDEATHSIG: the servers outlive the kill.
     code = (
-        "import sys; from shared import devstack; from devstack import processes; "
+        "import sys; import devstack; from devstack import processes; "
         f"processes._USE_PDEATHSIG = {pdeathsig}; "
         f"sys.argv[1:] = ['--data-dir', {str(data_dir)!r}]; devstack.main()"
     )

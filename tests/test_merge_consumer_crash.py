@@ -15,7 +15,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from services.history.handlers import GROUP
+from services.history.consumers import GROUP
 from shared.config import Settings
 from tests.support.history_fixtures import (
     add_conversations,

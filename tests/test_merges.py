@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services import all_in_one
-from services.history.handlers import GROUP
+from services.history.consumers import GROUP
 from services.history.merges import apply_requested_merge
 from shared.bus.dead_letters import dead_letters, replay_dead_letters
 from shared.bus.outbox import Outbox

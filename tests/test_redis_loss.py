@@ -53,9 +53,9 @@ def front_app(settings: Settings) -> web.Application:
     """Everything but the merge consumer: sessions promise merges, the relay publishes them,
     and nobody applies them yet (the consumer is behind)."""
     app = service_app(settings, name="front")
-    token_issuance.setup(app)
-    session_resolution.setup(app)
-    history.setup(app)
+    for service in (token_issuance, session_resolution, history):
+        service.setup_routes(app)
+    session_resolution.setup_consumers(app)
     return app
 
 

@@ -340,8 +340,9 @@ def test_identity_invariants_hold_for_random_histories(settings: Settings) -> No
 
         async def start() -> tuple[Any, Api, asyncpg.Pool, OrgFixture]:
             app = service_app(settings, name="identity-machine")
-            token_issuance.setup(app)
-            session_resolution.setup(app)
+            token_issuance.setup_routes(app)
+            session_resolution.setup_routes(app)
+            session_resolution.setup_consumers(app)
             context = running(app)
             api = await context.__aenter__()
             org = await provision_org(api, origins=(ORIGIN,))

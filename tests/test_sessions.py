@@ -641,7 +641,8 @@ async def test_returning_visitor_with_nothing_new_costs_no_postgres_write(
 async def test_last_seen_is_refreshed_at_most_once_per_interval(
     settings: Settings, pool: asyncpg.Pool
 ) -> None:
-    from services.session_resolution.deps import SESSION_CONFIG, SessionConfig
+    from services.session_resolution.app_keys import SESSION_CONFIG
+    from services.session_resolution.config import SessionConfig
 
     app = all_in_one.create_app(settings)
     app[SESSION_CONFIG] = SessionConfig(last_seen_interval=0.0)

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from services.all_in_one import create_app as create_all_in_one
 from services.token_issuance.app import create_app
-from services.token_issuance.deps import KEYRING
+from services.token_issuance.app_keys import KEYRING
 from services.token_issuance.signing_keys import decrypt_private_key, generate_signing_key
 from shared.bus.events import EVENT_FIELD, ContactAuthenticated, ContactTokensRevoked, event_decoder
 from shared.config import RateLimits, Settings

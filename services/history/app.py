@@ -1,33 +1,39 @@
-"""Wiring for this service: the one place its routes, dependencies and workers are built."""
+"""Wiring for this service: the one place its routes, dependencies and consumers are built.
+
+The same names in every service's app.py: ``setup_routes``, ``setup_consumers``,
+``create_app`` (what ``serve history`` runs) and ``create_consumer_app`` (what ``consume
+history`` runs: this service's consumers run apart from its API).
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from services.history import handlers
+from services.history import consumers
 from services.history.routes import routes
 from shared.bus.consumer import add_consumer
 from shared.config import Settings
 from shared.service import service_app
 
 NAME = "history"
-GROUP = handlers.GROUP
+GROUP = consumers.GROUP
 
 
-def setup(app: web.Application) -> None:
-    """Add this service's routes and workers to an app built by ``service_app``."""
+def setup_routes(app: web.Application) -> None:
+    """Add this service's routes to an app built by ``service_app``."""
     app.router.add_routes(routes)
-
-
-def create_app(settings: Settings) -> web.Application:
-    app = service_app(settings, name=NAME)
-    setup(app)
-    return app
 
 
 def setup_consumers(app: web.Application) -> None:
     """Add this service's event consumers (the merge consumer) to ``app``."""
-    add_consumer(app, group=GROUP, handlers=handlers.handlers)
+    add_consumer(app, group=GROUP, handlers=consumers.handlers)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The API alone: the merge consumer runs in ``create_consumer_app``."""
+    app = service_app(settings, name=NAME)
+    setup_routes(app)
+    return app
 
 
 def create_consumer_app(settings: Settings) -> web.Application:

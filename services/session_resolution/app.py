@@ -1,4 +1,9 @@
-"""Wiring for this service: the one place its routes, dependencies and workers are built."""
+"""Wiring for this service: the one place its routes, dependencies and consumers are built.
+
+The same four names in every service's app.py: ``setup_routes``, ``setup_consumers``,
+``create_app`` (what ``serve session-resolution`` runs) and, where consumers run apart from
+the API, ``create_consumer_app``. This service has none apart: see ``create_app``.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from services.session_resolution import consumers
+from services.session_resolution import api_routes, consumers, widget_routes
+from services.session_resolution.app_keys import SESSION_CACHE, SESSION_CONFIG, SESSION_LIMITER
 from services.session_resolution.cache import SessionCache
-from services.session_resolution.deps import (
-    SESSION_CACHE,
-    SESSION_CONFIG,
-    SESSION_LIMITER,
-    SessionConfig,
-)
-from services.session_resolution.routes import add_routes
+from services.session_resolution.config import SessionConfig
 from shared.bus.consumer import add_consumer
 from shared.config import SETTINGS, Settings
 from shared.identity.contact_tokens import install_verifier
@@ -27,12 +27,12 @@ from shared.web.ratelimit import RateLimiter
 NAME = "session-resolution"
 
 
-def setup(app: web.Application) -> None:
-    """Add this service's routes and workers to an app built by ``service_app``.
+def setup_routes(app: web.Application) -> None:
+    """Add the widget and internal API routes, and the dependencies they need, to an app built
+    by ``service_app``.
 
-    Shared dependencies are installed only if absent (all-in-one composes several setups).
-    Tests may replace ``SESSION_CONFIG`` before start-up. Every replica also runs the
-    revocation consumer (group ``session-resolution``, see consumers.py).
+    Shared dependencies are installed only if absent (all-in-one composes several services).
+    Tests may replace ``SESSION_CONFIG`` before start-up.
     """
     install_verifier(app)
     install_policies(app)
@@ -48,12 +48,21 @@ def setup(app: web.Application) -> None:
         yield
 
     app.cleanup_ctx.append(redis_backed)
-    add_routes(app)
+    widget_routes.add_routes(app)
+    api_routes.add_routes(app)
 
+
+def setup_consumers(app: web.Application) -> None:
+    """Add the revocation consumer (group ``session-resolution``, see consumers.py)."""
     add_consumer(app, group=consumers.GROUP, handlers=consumers.handlers)
 
 
 def create_app(settings: Settings) -> web.Application:
     app = service_app(settings, name=NAME)
-    setup(app)
+    setup_routes(app)
+    # Every replica runs the revocation consumer too, rather than a `consume` deployment of
+    # its own: its work is one small UPDATE per "log out everywhere", the consumer group
+    # hands each event to one replica only, and the widget endpoints never wait for it (they
+    # check revocation themselves), so it needs neither its own scaling nor its own process.
+    setup_consumers(app)
     return app

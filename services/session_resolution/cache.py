@@ -16,10 +16,16 @@ visitor; a buried session token reads as ended.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable
 from typing import Literal
 
 import msgspec
 import redis.asyncio as aioredis
+
+from shared.redis import TRANSIENT_REDIS_ERRORS
+
+log = logging.getLogger(__name__)
 
 TOMBSTONE = b"\x00ended"
 Buried = Literal["buried"]
@@ -137,3 +143,12 @@ class SessionCache:
         for token_hash, ttl in session_token_hashes:
             pipe.set(self._session_key(token_hash), TOMBSTONE, px=max(1, int(ttl * 1000)))
         await pipe.execute()
+
+
+async def fill_quietly(fill: Awaitable[None]) -> None:
+    """Await a cache fill, best effort: Postgres has everything already, and a failed fill only
+    means the next request reads Postgres."""
+    try:
+        await fill
+    except TRANSIENT_REDIS_ERRORS as exc:
+        log.warning("session cache fill failed", extra={"error": repr(exc)})

@@ -11,59 +11,37 @@ soon, outlive the contact token now presented, or was verified by a token issued
 contact's tokens were revoked.
 
 Write path: anything new (a new visitor, new values, another level or scope) creates a new
-session in one transaction that also records the visitor, the device binding, the login
-merge request and their outbox events. Older sessions of the browser stay valid until they
-expire (other open tabs hold them) unless the browser logs out.
+session in one transaction (session_creation.py).
 """
 
 from __future__ import annotations
 
-import logging
 import time
-import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 
-import asyncpg
-
-from services.session_resolution import queries
+from services.session_resolution import queries, visitor_queries
+from services.session_resolution.app_keys import Deps
 from services.session_resolution.cache import (
     BURIED,
     CurrentSession,
-    SessionRecord,
     VisitorState,
+    fill_quietly,
 )
-from services.session_resolution.deps import Deps
 from services.session_resolution.identity import (
     BrowserInput,
     Resolution,
     ServerIdentity,
-    needs_login_merge,
     resolve,
 )
+from services.session_resolution.session_creation import write_new_session
 from services.session_resolution.session_tokens import (
     looks_like_visitor_token,
-    new_session_token,
-    new_visitor_token,
     token_hash,
     unwrap_session_token,
-    wrap_session_token,
 )
-from shared.bus.events import (
-    HistoryMergeRequested,
-    MergeRequestedData,
-    SessionResolved,
-    SessionResolvedData,
-    VisitorCreated,
-    VisitorCreatedData,
-)
-from shared.db import in_transaction
 from shared.identity.org_policy import OrgPolicy
 from shared.identity.widget_tokens import WidgetToken
-from shared.redis import TRANSIENT_REDIS_ERRORS
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +73,7 @@ async def _visitor_state(
         return (hashed, cached) if cached.org_id == org_id else None
     if cached == BURIED:
         return None
-    row = await queries.find_live_visitor(deps.pool, org_id, hashed)
+    row = await visitor_queries.find_live_visitor(deps.pool, org_id, hashed)
     if row is None:
         return None
     current = await queries.current_session(deps.pool, row.id)
@@ -152,7 +130,7 @@ async def resolve_session(
             browser=browser,
             require_signed_external_id=policy.require_signed_external_id,
         )
-    return await _create(
+    written = await write_new_session(
         deps,
         widget=widget,
         policy=policy,
@@ -160,6 +138,16 @@ async def resolve_session(
         visitor_token=visitor_token if found is not None else None,
         server=server,
         browser=browser,
+    )
+    return Resolved(
+        session_id=written.session_id,
+        session_token=written.session_token,
+        expires_at=written.expires_at,
+        visitor_id=written.visitor_id,
+        visitor_token=written.visitor_token,
+        resolution=written.resolution,
+        merge_id=written.merge_id,
+        reused=False,
     )
 
 
@@ -196,10 +184,10 @@ async def _reuse(
         return None
     if now - state.last_seen > deps.config.last_seen_interval:
         # The one write a returning visitor costs, at most once per interval.
-        seen = await queries.touch_visitor(deps.pool, state.visitor_id)
+        seen = await visitor_queries.touch_visitor(deps.pool, state.visitor_id)
         if seen is None:
             return None  # logged out meanwhile: resolve as a new visitor
-        await _fill_quietly(
+        await fill_quietly(
             deps.cache.put_visitor(
                 hashed,
                 VisitorState(
@@ -222,241 +210,3 @@ async def _reuse(
         merge_id=None,
         reused=True,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class _Written:
-    visitor_id: str
-    visitor_token: str
-    resolution: Resolution
-    session_id: str
-    session_token: str
-    wrapped: bytes
-    expires_at: datetime
-    last_seen: datetime
-    merge_id: str | None
-
-
-async def _create(
-    deps: Deps,
-    *,
-    widget: WidgetToken,
-    policy: OrgPolicy,
-    visitor: VisitorState | None,
-    visitor_token: str | None,
-    server: ServerIdentity | None,
-    browser: BrowserInput,
-) -> Resolved:
-    config = deps.config
-
-    async def work(conn: asyncpg.Connection) -> _Written:
-        row = None if visitor is None else await queries.lock_live_visitor(conn, visitor.visitor_id)
-        if row is not None and visitor_token is not None:
-            token, visitor_id, remembered = visitor_token, row.id, row.attributes
-            created = False
-        else:
-            # New browser, or its visitor was logged out while we looked: a fresh visitor.
-            token, visitor_id, remembered = new_visitor_token(), str(uuid.uuid4()), {}
-            created = True
-        # Re-resolved under the visitor's lock, from the row (a concurrent request may have
-        # changed the remembered values since the cached read).
-        resolution = resolve(
-            server=server,
-            remembered=remembered,
-            browser=browser,
-            require_signed_external_id=policy.require_signed_external_id,
-        )
-        if created:
-            last_seen = await queries.insert_visitor(
-                conn,
-                visitor_id=visitor_id,
-                org_id=widget.org_id,
-                token_hash=token_hash(token),
-                attributes=resolution.visitor_attributes,
-            )
-            await deps.outbox.emit(
-                conn,
-                VisitorCreated,
-                org_id=widget.org_id,
-                subject=visitor_id,
-                data=VisitorCreatedData(visitor_id=visitor_id, widget_token_id=widget.id),
-            )
-        else:
-            last_seen = await queries.update_visitor(
-                conn, visitor_id, resolution.visitor_attributes
-            )
-        merge_id = None
-        if resolution.contact_id is not None:
-            merge_id = await _bind_and_maybe_merge(
-                deps, conn, widget, policy, visitor_id, created, resolution
-            )
-        session_id = str(uuid.uuid4())
-        session_token = new_session_token()
-        expires_at = datetime.now(UTC) + timedelta(seconds=config.session_ttl)
-        if server is not None:
-            expires_at = min(expires_at, server.expires_at)
-        wrapped = wrap_session_token(session_token, visitor_token=token, session_id=session_id)
-        await queries.insert_session(
-            conn,
-            session_id=session_id,
-            org_id=widget.org_id,
-            visitor_id=visitor_id,
-            widget_token_id=widget.id,
-            level=resolution.level,
-            contact_id=resolution.contact_id,
-            external_id=resolution.external_id,
-            external_id_verified=resolution.external_id_verified,
-            attributes=attributes_document(resolution),
-            fingerprint=resolution.fingerprint(widget.id),
-            token_hash=token_hash(session_token),
-            token_wrapped=wrapped,
-            contact_token_issued_at=None if server is None else server.issued_at,
-            expires_at=expires_at,
-        )
-        await deps.outbox.emit(
-            conn,
-            SessionResolved,
-            org_id=widget.org_id,
-            subject=visitor_id,
-            data=SessionResolvedData(
-                session_id=session_id,
-                visitor_id=visitor_id,
-                level=resolution.level,
-                contact_id=resolution.contact_id,
-                external_id=resolution.external_id or None,
-            ),
-        )
-        return _Written(
-            visitor_id=visitor_id,
-            visitor_token=token,
-            resolution=resolution,
-            session_id=session_id,
-            session_token=session_token,
-            wrapped=wrapped,
-            expires_at=expires_at,
-            last_seen=last_seen,
-            merge_id=merge_id,
-        )
-
-    written = await in_transaction(deps.pool, work)
-    await _remember(deps, widget, server, written)
-    return Resolved(
-        session_id=written.session_id,
-        session_token=written.session_token,
-        expires_at=written.expires_at,
-        visitor_id=written.visitor_id,
-        visitor_token=written.visitor_token,
-        resolution=written.resolution,
-        merge_id=written.merge_id,
-        reused=False,
-    )
-
-
-async def _bind_and_maybe_merge(
-    deps: Deps,
-    conn: asyncpg.Connection,
-    widget: WidgetToken,
-    policy: OrgPolicy,
-    visitor_id: str,
-    created: bool,
-    resolution: Resolution,
-) -> str | None:
-    assert resolution.contact_id is not None
-    await queries.bind_device(
-        conn,
-        org_id=widget.org_id,
-        contact_id=resolution.contact_id,
-        visitor_id=visitor_id,
-        external_id=resolution.external_id,
-    )
-    unmerged = not created and await queries.has_unmerged_browser_sessions(conn, visitor_id)
-    if not needs_login_merge(
-        policy_merge_on_login=policy.merge_anonymous_on_login,
-        level=resolution.level,
-        visitor_is_new=created,
-        unmerged_browser_sessions=unmerged,
-    ):
-        return None
-    merge_id = str(uuid.uuid4())
-    # Subject = the target contact: merges into one contact are applied in order.
-    await deps.outbox.emit(
-        conn,
-        HistoryMergeRequested,
-        org_id=widget.org_id,
-        subject=resolution.contact_id,
-        data=MergeRequestedData(
-            merge_id=merge_id,
-            reason="login",
-            target_contact_id=resolution.contact_id,
-            target_external_id=resolution.external_id,
-            source_visitor_id=visitor_id,
-        ),
-    )
-    await queries.mark_merge_requested(
-        conn,
-        contact_id=resolution.contact_id,
-        visitor_id=visitor_id,
-        external_id=resolution.external_id,
-    )
-    return merge_id
-
-
-async def _remember(
-    deps: Deps, widget: WidgetToken, server: ServerIdentity | None, written: _Written
-) -> None:
-    """Fill the caches after commit. Best effort: Postgres has everything already, and a
-    failed fill only means the next request reads Postgres."""
-    now = time.time()
-    expires = _epoch(written.expires_at)
-    iat = None if server is None else int(_epoch(server.issued_at))
-    resolution = written.resolution
-    await _fill_quietly(
-        deps.cache.put_session(
-            token_hash(written.session_token),
-            SessionRecord(
-                id=written.session_id,
-                org_id=widget.org_id,
-                visitor_id=written.visitor_id,
-                widget_token_id=widget.id,
-                level=resolution.level,
-                contact_id=resolution.contact_id,
-                external_id=resolution.external_id,
-                expires_at=expires,
-                contact_token_iat=iat,
-            ),
-            expires - now,
-        )
-    )
-    await _fill_quietly(
-        deps.cache.put_visitor(
-            token_hash(written.visitor_token),
-            VisitorState(
-                visitor_id=written.visitor_id,
-                org_id=widget.org_id,
-                attributes=resolution.visitor_attributes,
-                last_seen=_epoch(written.last_seen),
-                session=CurrentSession(
-                    id=written.session_id,
-                    fingerprint=resolution.fingerprint(widget.id),
-                    expires_at=expires,
-                    wrapped=written.wrapped,
-                    contact_token_iat=iat,
-                ),
-            ),
-            deps.config.visitor_cache_ttl,
-        )
-    )
-
-
-async def _fill_quietly(fill: Any) -> None:
-    try:
-        await fill
-    except TRANSIENT_REDIS_ERRORS as exc:
-        log.warning("session cache fill failed", extra={"error": repr(exc)})
-
-
-def attributes_document(resolution: Resolution) -> dict[str, Any]:
-    return {
-        k: {"value": a.value, "source": a.source, "verified": a.verified}
-        for k, a in resolution.attributes.items()
-    }

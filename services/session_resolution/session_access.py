@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from services.session_resolution import queries
+from services.session_resolution import device_queries, queries, visitor_queries
+from services.session_resolution.app_keys import Deps
 from services.session_resolution.cache import BURIED, SessionRecord
-from services.session_resolution.deps import Deps
 from services.session_resolution.session_tokens import (
     looks_like_session_token,
     new_visitor_token,
@@ -35,7 +35,7 @@ from shared.bus.events import (
     VisitorCreatedData,
 )
 from shared.db import in_transaction
-from shared.errors import Problem
+from shared.errors import Problem, not_found
 
 
 def invalid_session_token() -> Problem:
@@ -122,6 +122,31 @@ def check_can_log_out(located: Located, session_id: str) -> None:
         raise session_ended()
 
 
+@dataclass(frozen=True, slots=True)
+class Introspected:
+    row: queries.SessionRow
+    # The recorded end, or 'tokens_revoked' when revocation ended it before the consumer did.
+    end_reason: str | None
+    active: bool
+
+
+async def introspect_session(deps: Deps, org_id: str, session_id: str) -> Introspected:
+    """A session of this org as platform services see it, revocation included; 404 when
+    there is none."""
+    row = await queries.session_by_id(deps.pool, org_id, session_id)
+    if row is None:
+        raise not_found("session")  # another org's session reads exactly like a missing one
+    iat = row.contact_token_issued_at
+    revoked = await is_revoked(
+        deps, row.org_id, row.contact_id, None if iat is None else int(iat.timestamp())
+    )
+    return Introspected(
+        row=row,
+        end_reason=row.end_reason or ("tokens_revoked" if revoked else None),
+        active=row.ended_at is None and not revoked and row.expires_at.timestamp() > time.time(),
+    )
+
+
 async def is_revoked(
     deps: Deps, org_id: str, contact_id: str | None, contact_token_iat: int | None
 ) -> bool:
@@ -154,15 +179,15 @@ async def unbind_visitor(
 
     async def work(conn: asyncpg.Connection) -> Unbound | None:
         if bound_to_contact is not None:
-            found = await queries.lock_bound_visitor(
+            found = await device_queries.lock_bound_visitor(
                 conn, org_id=org_id, contact_id=bound_to_contact, visitor_id=visitor_id
             )
         else:
-            found = await queries.lock_live_visitor(conn, visitor_id) is not None
+            found = await visitor_queries.lock_live_visitor(conn, visitor_id) is not None
         if not found:
             return None
         live = await queries.live_session_keys(conn, visitor_id)
-        visitor_hash = await queries.visitor_token_hash(conn, visitor_id)
+        visitor_hash = await visitor_queries.visitor_token_hash(conn, visitor_id)
         now = time.time()
         await deps.cache.bury(
             visitor_token_hashes=[] if visitor_hash is None else [visitor_hash],
@@ -174,7 +199,7 @@ async def unbind_visitor(
             visitor_ttl_seconds=deps.config.visitor_cache_ttl,
         )
         ended = await queries.end_live_sessions(conn, visitor_id, reason)
-        await queries.unbind_visitor(conn, visitor_id)
+        await visitor_queries.unbind_visitor(conn, visitor_id)
         for session in ended:
             await deps.outbox.emit(
                 conn,
@@ -187,7 +212,7 @@ async def unbind_visitor(
         if widget_token_id is not None:
             fresh_token = new_visitor_token()
             fresh_id = str(uuid.uuid4())
-            await queries.insert_visitor(
+            await visitor_queries.insert_visitor(
                 conn,
                 visitor_id=fresh_id,
                 org_id=org_id,
@@ -204,6 +229,27 @@ async def unbind_visitor(
         return Unbound(ended_sessions=len(ended), new_visitor_token=fresh_token)
 
     return await in_transaction(deps.pool, work)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedOut:
+    visitor_token: str
+    ended_sessions: int
+
+
+async def log_out(deps: Deps, record: SessionRecord) -> LoggedOut:
+    """Unbind the session's browser and hand it a fresh visitor token; 401 when the browser
+    was unbound meanwhile."""
+    result = await unbind_visitor(
+        deps,
+        visitor_id=record.visitor_id,
+        org_id=record.org_id,
+        widget_token_id=record.widget_token_id,
+        reason="logout",
+    )
+    if result is None or result.new_visitor_token is None:
+        raise session_ended()
+    return LoggedOut(visitor_token=result.new_visitor_token, ended_sessions=result.ended_sessions)
 
 
 async def revoke_device(deps: Deps, *, org_id: str, contact_id: str, visitor_id: str) -> bool:

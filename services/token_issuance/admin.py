@@ -10,8 +10,8 @@ from aiohttp import web
 from msgspec import Meta
 
 from services.token_issuance import api_keys, orgs, signing_keys, widget_tokens
+from services.token_issuance.app_keys import JWKS, KEYRING
 from services.token_issuance.broadcast import from_app
-from services.token_issuance.deps import JWKS, KEYRING
 from services.token_issuance.schemas import (
     ADMIN_PAGE_MAX,
     ApiKeyCreated,

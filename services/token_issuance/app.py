@@ -1,11 +1,16 @@
-"""Wiring for this service: the one place its routes, dependencies and workers are built."""
+"""Wiring for this service: the one place its routes, dependencies and consumers are built.
+
+The same names in every service's app.py: ``setup_routes``, ``setup_consumers`` and
+``create_app`` (what ``serve token-issuance`` runs). Token issuance consumes no events.
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from services.token_issuance import routes
-from services.token_issuance.deps import JWKS, KEYRING, JwksCache
+from services.token_issuance.app_keys import JWKS, KEYRING
+from services.token_issuance.cache import JwksCache
 from services.token_issuance.keyring import Keyring
 from shared.config import SETTINGS, Settings
 from shared.db import DB_POOL
@@ -17,16 +22,35 @@ from shared.service import service_app
 NAME = "token-issuance"
 
 
-def setup(app: web.Application) -> None:
-    """Add this service's routes and workers to an app built by ``service_app``."""
+def setup_routes(app: web.Application) -> None:
+    """Add this service's routes, and the dependencies they need, to an app built by
+    ``service_app``. Every dependency is installed only if absent (all-in-one composes
+    several services into one app)."""
+    install_policies(app)
+    install_verifier(app)
+    _install_keyring(app)
+    if JWKS not in app:
+        app[JWKS] = JwksCache()
+    routes.add_routes(app.router)
+
+
+def setup_consumers(app: web.Application) -> None:
+    """None: token issuance reads no events (all-in-one still calls it, like every service's)."""
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = service_app(settings, name=NAME)
+    setup_routes(app)
+    setup_consumers(app)
+    return app
+
+
+def _install_keyring(app: web.Application) -> None:
     if KEYRING in app:
         return
     settings = app[SETTINGS]
-    install_policies(app)
-    install_verifier(app)
     keyring = Keyring(settings.key_encryption_key)
     app[KEYRING] = keyring
-    app[JWKS] = JwksCache()
     # A key deleted by any replica must stop signing here too, not only stop verifying.
     app[CONTACT_TOKENS].on_key_deleted(keyring.forget_kid)
 
@@ -40,10 +64,3 @@ def setup(app: web.Application) -> None:
         await keyring.check_kek(app[DB_POOL])
 
     app.on_startup.append(check_key_encryption_key)
-    routes.add_routes(app.router)
-
-
-def create_app(settings: Settings) -> web.Application:
-    app = service_app(settings, name=NAME)
-    setup(app)
-    return app

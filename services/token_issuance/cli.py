@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import asyncpg
 import msgspec
 
+from services.cli_support import load_settings, print_json, run_async
 from services.token_issuance import api_keys, orgs, signing_keys, widget_tokens
 from services.token_issuance.broadcast import from_settings
 from services.token_issuance.keyring import Keyring
@@ -58,9 +59,6 @@ def _json_arg(raw: str | None, what: str) -> Any:
 
 
 def _run(work: Work) -> None:
-    # Imported here: services.cli imports this module to register the commands.
-    from services.cli import load_settings, print_json, run_async
-
     settings = load_settings()
 
     async def go() -> Any:

@@ -9,7 +9,7 @@ import uuid
 from aiohttp import web
 
 from services.token_issuance import admin, contacts
-from services.token_issuance.deps import JWKS, KEYRING
+from services.token_issuance.app_keys import JWKS, KEYRING
 from services.token_issuance.schemas import (
     AuthenticateUserRequest,
     AuthenticateUserResponse,
@@ -20,9 +20,9 @@ from services.token_issuance.schemas import (
 from shared.bus.outbox import OUTBOX
 from shared.config import SETTINGS
 from shared.db import DB_POOL
-from shared.identity.api_keys import API_KEYS
+from shared.identity.api_keys import API_KEYS, ApiKeyPrincipal
 from shared.identity.contact_tokens import CONTACT_TOKENS
-from shared.identity.org_policy import POLICIES
+from shared.identity.org_policy import POLICIES, OrgPolicy
 from shared.identity.revocation import announce_revocation
 from shared.redis import REDIS
 from shared.web.http import decode_body, json_response, parse_uuid
@@ -58,20 +58,27 @@ from shared.web.ratelimit import Limit, RateLimiter
 )
 async def authenticate_user(request: web.Request) -> web.Response:
     app = request.app
+    principal, policy = await _admit_backend(request)
+    body = await decode_body(request, authenticate_user_decoder)
+    auth = contacts.validate_authentication(body, policy, app[SETTINGS])
+    result = await contacts.authenticate(
+        app[DB_POOL], app[OUTBOX], app[KEYRING], app[SETTINGS], principal.org_id, auth
+    )
+    return json_response(result)
+
+
+async def _admit_backend(request: web.Request) -> tuple[ApiKeyPrincipal, OrgPolicy]:
+    """The API key, then the per-key rate limit of its org's policy, before the body is read.
+    The org comes from the key, never from the body (the body has no such field)."""
+    app = request.app
     settings = app[SETTINGS]
     principal = await app[API_KEYS].authenticate(request, "contacts:authenticate")
-    # The org comes from the key, never from the body (the body has no such field).
     policy = await app[POLICIES].get(app[DB_POOL], principal.org_id)
     limits = policy.effective_rate_limits(settings.rate_limits)
     await RateLimiter(app[REDIS], settings.stream_prefix).check(
         Limit(f"authenticate:{principal.key_id}", limits.authenticate_per_key)
     )
-    body = await decode_body(request, authenticate_user_decoder)
-    auth = contacts.validate_authentication(body, policy, settings)
-    result = await contacts.authenticate(
-        app[DB_POOL], app[OUTBOX], app[KEYRING], settings, principal.org_id, auth
-    )
-    return json_response(result)
+    return principal, policy
 
 
 @operation(

@@ -255,7 +255,7 @@ async def publish(
 def history_app(settings: Settings, *, consumer: bool = True) -> web.Application:
     """The history service alone, with (by default) its merge consumer in the same process."""
     app = service_app(settings, name="history-test")
-    history.setup(app)
+    history.setup_routes(app)
     if consumer:
         history.setup_consumers(app)
     return app

@@ -2,15 +2,16 @@
 
 Run from the repository root::
 
-    .venv/bin/python clients/python/generate.py
+    .venv/bin/python -m tools.generate_client
 
 It renders the all-in-one app's OpenAPI 3.1 document (``shared.web.openapi.build_document``) and
 the AsyncAPI event document (``shared.bus.asyncapi.document``), writes the OpenAPI document to
 ``docs/openapi.json`` for outside readers, and turns both documents' schemas into
-``widget_identity_client/models.py`` (msgspec Structs) and their operations into
-``widget_identity_client/operations.py`` (the translation is codegen.py). The client package itself never imports ``shared``
-or ``services``; only this script, which runs in the server repository, does. A test fails
-when a committed output is stale (tests/test_client_models.py).
+``clients/python/widget_identity_client/models.py`` (msgspec Structs) and their operations into
+``clients/python/widget_identity_client/operations.py`` (the translation is client_codegen.py).
+It lives outside the client package on purpose: it imports ``shared`` and ``services``, which
+the client package never does. A test fails when a committed output is stale
+(tests/test_client_models.py).
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Run as a script, sys.path[0] is this folder: codegen is the sibling module.
-from codegen import COMMAND, build_models, render_models, render_operations
+from services import all_in_one
+from shared.bus.asyncapi import document
+from shared.config import Settings
+from shared.web.openapi import build_document
+from tools.client_codegen import COMMAND, build_models, render_models, render_operations
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "clients" / "python" / "widget_identity_client"
 MODELS = PACKAGE / "models.py"
 OPERATIONS = PACKAGE / "operations.py"
@@ -34,19 +38,8 @@ OPENAPI = ROOT / "docs" / "openapi.json"
 # --- the documents ---------------------------------------------------------------------------
 
 
-def _ensure_importable() -> None:
-    # Run as a script, sys.path[0] is clients/python; the server packages live at the root.
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-
-
 def openapi_document() -> dict[str, Any]:
     """The all-in-one app's document, built without I/O (the URLs are never dialled)."""
-    _ensure_importable()
-    from services import all_in_one
-    from shared.config import Settings
-    from shared.web.openapi import build_document
-
     settings = Settings(
         database_url="postgresql://unused/unused",
         redis_url="redis://unused",
@@ -57,9 +50,6 @@ def openapi_document() -> dict[str, Any]:
 
 
 def asyncapi_document() -> dict[str, Any]:
-    _ensure_importable()
-    from shared.bus.asyncapi import document
-
     return document()
 
 

@@ -1,14 +1,11 @@
-"""Typed app keys for this service's dependencies (built in app.py, used by routes.py)."""
+"""The in-memory cache behind ``/.well-known/jwks.json``."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from aiohttp import web
-
 from services.token_issuance import queries
-from services.token_issuance.keyring import Keyring
 
 
 class JwksCache:
@@ -32,7 +29,3 @@ class JwksCache:
 
     def clear(self) -> None:
         self._entries.clear()
-
-
-KEYRING: web.AppKey[Keyring] = web.AppKey("token_issuance_keyring", Keyring)
-JWKS: web.AppKey[JwksCache] = web.AppKey("token_issuance_jwks", JwksCache)
