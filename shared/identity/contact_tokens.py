@@ -35,7 +35,7 @@ from prometheus_client import Counter
 
 from shared.config import SETTINGS, Settings
 from shared.db import DB_POOL, TRANSIENT_DB_ERRORS
-from shared.errors import Problem
+from shared.errors import Problem, db_unavailable
 from shared.identity.revocation import RevocationCache, RevocationListener
 from shared.lifecycle import add_worker
 from shared.redis import WORKER_REDIS
@@ -143,6 +143,7 @@ class KeyStore:
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
         self._deleted: set[str] = set()
+        self._unreachable = False  # the last refresh failed: "unknown" may just be "unread"
         self.db_loads = 0
 
     async def get(self, pool: asyncpg.Pool, kid: str) -> PublicKey | None:
@@ -160,11 +161,14 @@ class KeyStore:
             # than calling a real key "unknown" because someone else is loading it.
             async with self._lock:
                 pass
-            return self._keys.get(kid)
-        if now - self._attempted_at < self._min_interval:
-            return None
-        await self.refresh(pool)
-        return self._keys.get(kid)
+        elif now - self._attempted_at >= self._min_interval:
+            await self.refresh(pool)
+        key = self._keys.get(kid)
+        if key is None and self._unreachable:
+            # We could not ask Postgres: the kid may be a brand-new key. Telling its user
+            # "invalid token" would sign them out over an outage.
+            raise db_unavailable()
+        return key
 
     async def _refresh_quietly(self, pool: asyncpg.Pool) -> None:
         try:
@@ -187,10 +191,12 @@ class KeyStore:
                        WHERE deleted_at IS NULL"""
                 )
             except TRANSIENT_DB_ERRORS:
+                self._unreachable = True
                 if self._loaded_at is None:
                     raise  # nothing good to fall back on
                 log.warning("signing keys unavailable; keeping last good keys")
                 return
+            self._unreachable = False
             fresh: dict[str, PublicKey] = {}
             for row in rows:
                 kid = row["kid"]

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from shared import db
 from shared import redis as redis_mod
 from shared.config import SETTINGS, Settings
-from shared.errors import Problem, unavailable, validation_failed
+from shared.errors import Problem, db_unavailable, unavailable, validation_failed
 from shared.lifecycle import READINESS, SERVICE_NAME, Readiness
 from shared.observability import HTTP_IN_FLIGHT, HTTP_LATENCY, HTTP_REQUESTS, request_id_var
 from shared.web import apidocs, openapi
@@ -162,19 +162,17 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status == 405 and "Allow" in exc.headers:
             http_problem.headers["Allow"] = exc.headers["Allow"]
         return problem_response(http_problem, request)
-    except db.TRANSIENT_DB_ERRORS:
-        log.warning("database unavailable", exc_info=True)
-        return problem_response(
-            unavailable("db_unavailable", "the database is unavailable"), request
-        )
-    except redis_mod.TRANSIENT_REDIS_ERRORS:
-        log.warning("redis unavailable", exc_info=True)
-        return problem_response(
-            unavailable("redis_unavailable", "the event store is unavailable"), request
-        )
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception as exc:
+        if db.is_transient(exc):
+            log.warning("database unavailable", exc_info=True)
+            return problem_response(db_unavailable(), request)
+        if isinstance(exc, redis_mod.TRANSIENT_REDIS_ERRORS):
+            log.warning("redis unavailable", exc_info=True)
+            return problem_response(
+                unavailable("redis_unavailable", "the event store is unavailable"), request
+            )
         log.exception("unhandled error")
         return problem_response(
             Problem(500, "internal_error", "an internal error occurred"), request
