@@ -11,14 +11,18 @@ Keys (camelCase in JSON):
   contact's scope when the visitor presents a valid contact token (promise 4).
 - ``requireSignedExternalId`` (bool, default false): a verified session's externalId must come
   from the contact token's claim; a browser-supplied one is then refused (promise 2).
-- ``tokenMaxTtlSeconds`` (int, 60..2592000, default 86400): the longest ``expiresIn`` that
-  ``POST /widget/authenticate-user`` accepts.
+- ``tokenMaxTtlSeconds`` (int, 60..2592000, default 86400): the longest a contact token may
+  live. ``POST /widget/authenticate-user`` refuses a longer ``expiresIn``, and the verifier
+  refuses any token whose ``exp`` lies further ahead than this (401 token_lifetime_exceeded),
+  whoever signed it. One value for both, so issuance and verification cannot disagree; lowering
+  it also ends tokens already issued for longer.
 - ``rateLimits`` {``authenticatePerKey``, ``sessionsPerIp``, ``sessionsPerWidgetToken``,
   ``sessionsPerVisitor``}: requests per minute, each 1..1000000 or null (environment default).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any
 
@@ -27,7 +31,10 @@ import msgspec
 from aiohttp import web
 
 from shared.config import RateLimits
+from shared.db import TRANSIENT_DB_ERRORS
 from shared.errors import not_found, validation_failed
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_TTL_SECONDS = 3600
 MIN_TOKEN_TTL_SECONDS = 60
@@ -118,7 +125,15 @@ class PolicyCache:
         cached = self._entries.get(org_id)
         if cached is not None and cached[0] > now:
             return cached[1]
-        stored = await pool.fetchval("SELECT policy FROM orgs WHERE id = $1", org_id)
+        try:
+            stored = await pool.fetchval("SELECT policy FROM orgs WHERE id = $1", org_id)
+        except TRANSIENT_DB_ERRORS:
+            if cached is None:
+                raise
+            # Postgres is down: the last policy read beats failing every verified session
+            # (the token verifier reads it on every call).
+            log.warning("org policy unavailable; keeping the last one read")
+            return cached[1]
         if stored is None:
             raise not_found("org")
         policy = policy_from_row(stored)
