@@ -33,6 +33,8 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PROBLEM_JSON = "application/problem+json"
+# What every response says in ``Server``: aiohttp's default names Python's and its own version.
+SERVER_NAME = "widget-identity"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 _encoder = msgspec.json.Encoder()
@@ -179,6 +181,11 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         )
 
 
+async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook; aiohttp only fills ``Server`` in when it is unset."""
+    response.headers["Server"] = SERVER_NAME
+
+
 class ProbeOut(msgspec.Struct, kw_only=True):
     """A probe's answer: ``ok``/``ready``, or ``draining``/``unavailable`` with what failed."""
 
@@ -250,6 +257,7 @@ def base_app(settings: Settings, *, name: str) -> web.Application:
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app.on_response_prepare.append(name_the_server)
     readiness = Readiness()
     app[READINESS] = readiness
     # Registered first so they close last, after consumers and handlers have finished.
