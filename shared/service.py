@@ -7,7 +7,7 @@ from aiohttp import web
 from shared.bus.outbox import OUTBOX, Outbox, add_relay
 from shared.bus.retention import add_stream_retention
 from shared.config import Settings
-from shared.identity.api_keys import API_KEYS, ApiKeyAuthenticator
+from shared.identity.api_keys import API_KEYS, ApiKeyAuthenticator, install_auth_throttle
 from shared.web.http import base_app
 
 
@@ -17,6 +17,7 @@ def service_app(settings: Settings, *, name: str) -> web.Application:
     app = base_app(settings, name=name)
     app[OUTBOX] = Outbox(settings.events_stream)
     app[API_KEYS] = ApiKeyAuthenticator()
+    install_auth_throttle(app)
     if settings.relay_enabled:
         add_relay(app)
         add_stream_retention(app)

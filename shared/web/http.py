@@ -93,6 +93,18 @@ def bearer_token(request: web.Request) -> str | None:
     return value.strip()
 
 
+def client_ip(request: web.Request) -> str:
+    """The socket peer, or the client a trusted proxy chain reports (TRUSTED_PROXY_HOPS);
+    a client-written X-Forwarded-For is never believed beyond the trusted hops."""
+    hops = request.app[SETTINGS].trusted_proxy_hops
+    if hops > 0:
+        chain = [p.strip() for p in request.headers.get("X-Forwarded-For", "").split(",")]
+        chain = [p for p in chain if p]
+        if len(chain) >= hops:
+            return chain[-hops][:64]
+    return request.remote or "unknown"
+
+
 def parse_uuid(raw: str, what: str) -> str:
     """Path ids that are not UUIDs are simply not found (no 500 from the driver)."""
     try:

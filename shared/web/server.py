@@ -26,17 +26,15 @@ from shared.web.http import SERVER_NAME, problem_response
 
 
 def protocol_problem(status: int, exc: BaseException | None) -> Problem:
-    """The answer to a request aiohttp could not parse or handle. The detail is fixed per
-    kind: nothing of the request is echoed."""
+    """The answer to a request aiohttp could not parse (400) or whose handling failed outside
+    every middleware (500). The detail is fixed per kind: nothing of the request is echoed."""
+    if status >= 500:
+        return Problem(500, "internal_error", "an internal error occurred")
     if isinstance(exc, LineTooLong):
         # aiohttp does not say whether the request line or a header was too long, so 414 or
         # 431 could each be wrong; 400 never is.
         return Problem(400, "line_too_long", "the request line or a header line exceeds 8190 bytes")
-    if status == 504:
-        return Problem(504, "timeout", "the request took too long to handle")
-    if 400 <= status < 500:
-        return Problem(status, "malformed_request", "the request is not valid HTTP/1.1")
-    return Problem(500, "internal_error", "an internal error occurred")
+    return Problem(400, "malformed_request", "the request is not valid HTTP/1.1")
 
 
 class _ProblemRequestHandler(RequestHandler):
