@@ -72,6 +72,9 @@ class Settings:
     consumer_concurrency: int = 8
     max_body_bytes: int = 64 * 1024
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    # Failed API-key / admin-token attempts per client IP per minute; past it, that IP's
+    # attempts get 429 before any key lookup (a key this process has seen work still passes).
+    auth_failures_per_ip: int = 20
     # Reverse proxies in front of us that append to X-Forwarded-For (e.g. 1 behind an
     # ingress). 0: the header is ignored and the socket peer is the client (it is spoofable).
     trusted_proxy_hops: int = 0
@@ -136,6 +139,7 @@ class Settings:
             trusted_proxy_hops=reader.get(
                 "TRUSTED_PROXY_HOPS", int, 0, check=lambda v: 0 <= v <= 10
             ),
+            auth_failures_per_ip=reader.get("AUTH_FAILURES_PER_IP", int, 20, check=_positive),
             rate_limits=RateLimits(
                 authenticate_per_key=reader.get(
                     "RATE_AUTHENTICATE_PER_KEY", int, 600, check=_positive

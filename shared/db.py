@@ -21,19 +21,39 @@ Connection = asyncpg.Connection
 DB_POOL: web.AppKey[asyncpg.Pool] = web.AppKey("db_pool", asyncpg.Pool)
 
 # Errors that mean "the database is not reachable right now", as opposed to a bug or bad
-# data: these become 503 db_unavailable with Retry-After, and consumers retry them.
+# data: these become 503 db_unavailable with Retry-After, and consumers retry them. Connection
+# loss is not one exception: a killed backend (pg_terminate_backend, a restart, a failover)
+# surfaces as the server's message (08xxx, 57Pxx), as the socket's error, or, when it lands in
+# the middle of an operation, as the client-side state it leaves behind: asyncpg's
+# InterfaceError ("connection is closed", "another operation is in progress") and
+# InternalClientError ("cannot switch to state ...; another operation is in progress").
 TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
+    OSError,  # reset, broken pipe, refused, a Unix socket gone during a restart
+    asyncio.TimeoutError,  # command_timeout, a pool acquire that waited too long
+    asyncpg.exceptions.PostgresConnectionError,  # 08xxx: connection does not exist, failed...
+    asyncpg.exceptions.OperatorInterventionError,  # 57xxx: admin/crash shutdown, starting up
+    asyncpg.exceptions.InsufficientResourcesError,  # 53xxx: too many connections, no memory
     asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
 )
+
+# Subclasses of the above that are a bug in our code, never an outage: a query argument of
+# the wrong type or range, a misconfigured client. They must stay a logged 500.
+DB_PROGRAMMING_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.ClientConfigurationError,
+    asyncpg.exceptions.UnsupportedClientFeatureError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` means the database is unavailable right now (see
+    ``TRANSIENT_DB_ERRORS``) and not a bug; a group is transient when all of it is."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_transient(inner) for inner in exc.exceptions)
+    return isinstance(exc, TRANSIENT_DB_ERRORS) and not isinstance(exc, DB_PROGRAMMING_ERRORS)
 
 
 def with_database(url: str, name: str) -> str:

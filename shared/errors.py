@@ -93,3 +93,7 @@ def rate_limited(retry_after: int) -> Problem:
 
 def unavailable(code: str, detail: str, *, retry_after: int = 1) -> Problem:
     return Problem(503, code, detail, headers={"Retry-After": str(retry_after)})
+
+
+def db_unavailable() -> Problem:
+    return unavailable("db_unavailable", "the database is unavailable")

@@ -99,7 +99,10 @@ async def _serve(app: web.Application, settings: Settings, host: str, port: int)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    runner = web.AppRunner(
+    # Imported here: the web layer imports this module for READINESS.
+    from shared.web.server import AppRunner
+
+    runner = AppRunner(
         app, handle_signals=False, shutdown_timeout=settings.shutdown_timeout, access_log=None
     )
     await runner.setup()

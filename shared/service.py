@@ -8,7 +8,7 @@ from shared.bus.outbox import OUTBOX, Outbox
 from shared.bus.relay import add_relay
 from shared.bus.retention import add_stream_retention
 from shared.config import Settings
-from shared.identity.api_keys import API_KEYS, ApiKeyAuthenticator
+from shared.identity.api_keys import API_KEYS, ApiKeyAuthenticator, install_auth_throttle
 from shared.identity.revocation import install_revocation_feed
 from shared.web.http import base_app
 
@@ -22,6 +22,7 @@ def service_app(settings: Settings, *, name: str) -> web.Application:
     # Every process that checks API keys runs the revocation listener, so a revoked key (or a
     # disabled org) is refused on every replica within a second.
     install_revocation_feed(app).watch(app[API_KEYS])
+    install_auth_throttle(app)
     if settings.relay_enabled:
         add_relay(app)
         add_stream_retention(app)

@@ -77,6 +77,7 @@ def settings_for(database_url: str, redis_url: str, *, prefix: str = "wi:t:") ->
         shutdown_timeout=5.0,
         consumer_block_ms=100,
         consumer_claim_idle_ms=300,
+        auth_failures_per_ip=100_000,
         rate_limits=RateLimits(
             authenticate_per_key=100_000,
             sessions_per_ip=100_000,

@@ -234,6 +234,65 @@ async def test_clock_leeway_edges(env: Env) -> None:
     assert await env.verdict(env.signed(env.claims(nbf=now + 60))) == "401 token_invalid"
 
 
+# The default org policy's tokenMaxTtlSeconds, the longest a contact token may live.
+DEFAULT_MAX_LIFETIME = 86_400
+
+
+async def test_a_token_living_longer_than_the_org_allows_is_refused_whoever_signed_it(
+    env: Env,
+) -> None:
+    now = int(time.time())
+    century = env.signed(env.claims(exp=now + 100 * 365 * 86_400))
+    assert await env.verdict(century) == "401 token_lifetime_exceeded"
+    an_hour_over = env.signed(env.claims(exp=now + DEFAULT_MAX_LIFETIME + 3600))
+    assert await env.verdict(an_hour_over) == "401 token_lifetime_exceeded"
+    # Exactly at the limit (and within the clock leeway past it) is fine.
+    assert await env.verdict(env.signed(env.claims(exp=now + DEFAULT_MAX_LIFETIME))) == "ok"
+    assert await env.verdict(env.signed(env.claims(exp=now + DEFAULT_MAX_LIFETIME + 20))) == "ok"
+
+
+async def test_the_lifetime_limit_is_each_orgs_own_policy(env: Env, pool: asyncpg.Pool) -> None:
+    strict = await provision_org(env.api, name="Strict", policy={"tokenMaxTtlSeconds": 600})
+    strict_key = await private_key_of(pool, env.settings, strict.kid)
+    assert isinstance(strict_key, ed25519.Ed25519PrivateKey)
+    contact = await mint_contact_token(env.api, strict, userId="sam", expiresIn=600)
+    now = int(time.time())
+
+    def strict_token(exp: int) -> str:
+        claims = env.claims(sub=contact["contactId"], org=strict.org_id, exp=exp)
+        return forge(env.header(kid=strict.kid), claims, strict_key.sign)
+
+    assert await env.verdict(strict_token(now + 600), strict.org_id) == "ok"
+    assert await env.verdict(strict_token(now + 3600), strict.org_id) == (
+        "401 token_lifetime_exceeded"
+    )
+    # The same hour is fine for an org on the default day.
+    assert await env.verdict(env.signed(env.claims(exp=now + 3600))) == "ok"
+
+
+async def test_issuance_and_verification_share_one_limit_and_lowering_it_ends_longer_tokens(
+    env: Env,
+) -> None:
+    day = await mint_contact_token(env.api, env.org, userId="dora", expiresIn=DEFAULT_MAX_LIFETIME)
+    assert await env.verdict(day["token"]) == "ok"
+    lowered = await env.api.patch(
+        f"/admin/v1/orgs/{env.org.org_id}",
+        json={"policy": {"tokenMaxTtlSeconds": 600}},
+        token=ADMIN_TOKEN,
+    )
+    assert lowered.status == 200, lowered.body
+    # Seen at once by this process: the verifier reads the policy cache the admin API clears.
+    assert await env.verdict(day["token"]) == "401 token_lifetime_exceeded"
+    refused = await env.api.post(
+        "/widget/authenticate-user",
+        json={"userId": "dora", "expiresIn": 601},
+        token=env.org.api_key,
+    )
+    assert refused.status == 422
+    short = await mint_contact_token(env.api, env.org, userId="dora", expiresIn=600)
+    assert await env.verdict(short["token"]) == "ok"
+
+
 @pytest.mark.parametrize("typ", [_DROP, "JWT", "at+jwt", "WI-CONTACT+JWT", ""])
 async def test_a_wrong_or_missing_typ_is_rejected(env: Env, typ: Any) -> None:
     assert await env.verdict(env.signed(typ=typ)) == "401 token_invalid"

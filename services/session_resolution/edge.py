@@ -23,22 +23,10 @@ from shared.db import DB_POOL
 from shared.errors import Problem
 from shared.identity.org_policy import POLICIES, OrgPolicy
 from shared.identity.widget_tokens import WIDGET_TOKENS, WidgetToken, normalize_origin
-from shared.web.http import bearer_token, parse_uuid
+from shared.web.http import bearer_token, client_ip, parse_uuid
 from shared.web.ratelimit import Limit
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def client_ip(request: web.Request) -> str:
-    """The socket peer, or the client a trusted proxy chain reports (TRUSTED_PROXY_HOPS);
-    a client-written X-Forwarded-For is never believed beyond the trusted hops."""
-    hops = request.app[SETTINGS].trusted_proxy_hops
-    if hops > 0:
-        chain = [p.strip() for p in request.headers.get("X-Forwarded-For", "").split(",")]
-        chain = [p for p in chain if p]
-        if len(chain) >= hops:
-            return chain[-hops][:64]
-    return request.remote or "unknown"
 
 
 def origin(request: web.Request) -> str | None:

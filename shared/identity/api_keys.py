@@ -1,4 +1,5 @@
-"""API keys and the admin token: how internal callers prove who they are.
+"""API keys and the admin token: how internal callers prove who they are, and how guessing
+them is throttled per client IP.
 
 API keys are ``wik_`` + 256 random bits, shown once and stored only as SHA-256 (a key is
 high-entropy, so a fast hash is safe and lets us look it up by hash in one index probe; a
@@ -14,6 +15,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -24,7 +26,10 @@ from shared.db import DB_POOL, TRANSIENT_DB_ERRORS
 from shared.errors import Problem, insufficient_scope, invalid_api_key
 from shared.identity.credential_cache import CredentialCache
 from shared.identity.revocation import CredentialChange
-from shared.web.http import bearer_token
+from shared.redis import REDIS
+from shared.web.http import Handler, bearer_token, client_ip
+from shared.web.openapi import SPEC_ATTRIBUTE
+from shared.web.ratelimit import FailureThrottle
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,9 @@ class ApiKeyAuthenticator:
     """Checks bearer API keys, caching good ones so hot paths skip Postgres.
 
     A revoked key, or any key of a disabled org, stops working on every replica within a
-    second: the revocation listener drops it from every process's cache (``changed``).
+    second: the revocation listener drops it from every process's cache (``changed``). Keys
+    seen valid are also remembered (until seen revoked, expired or changed) so that the
+    failure throttle never holds them back (``vouches_for``).
     """
 
     def __init__(self, *, cache_ttl: float = 5.0, max_entries: int = 10_000) -> None:
@@ -83,6 +90,7 @@ class ApiKeyAuthenticator:
         self._cache: CredentialCache[bytes, ApiKeyPrincipal] = CredentialCache(
             ttl=cache_ttl, max_entries=max_entries
         )
+        self._vouched: dict[bytes, ApiKeyPrincipal] = {}
         self._used: dict[str, float] = {}  # key id -> when this process last wrote lastUsedAt
 
     async def authenticate(self, request: web.Request, scope: str) -> ApiKeyPrincipal:
@@ -90,9 +98,17 @@ class ApiKeyAuthenticator:
         if raw is None or not _API_KEY.match(raw):
             raise invalid_api_key()
         key_hash = hash_secret(raw)
-        principal = await self._cache.get(key_hash, lambda: self._load(request, key_hash))
+        try:
+            principal = await self._cache.get(key_hash, lambda: self._load(request, key_hash))
+        except Problem:
+            self._vouched.pop(key_hash, None)  # revoked since: it vouches for nothing now
+            raise
         if principal.expires_at is not None and principal.expires_at <= datetime.now(UTC):
+            self._vouched.pop(key_hash, None)
             raise invalid_api_key()
+        if len(self._vouched) >= self._max:
+            self._vouched.clear()  # bounded memory beats a perfect LRU here
+        self._vouched[key_hash] = principal
         await self._record_use(request, principal.key_id)
         if scope not in principal.scopes:
             raise insufficient_scope(scope)
@@ -131,35 +147,101 @@ class ApiKeyAuthenticator:
         except TRANSIENT_DB_ERRORS as exc:
             log.warning("could not record an API key's last use", extra={"error": repr(exc)})
 
+    def vouches_for(self, raw: str) -> bool:
+        """True when ``raw`` is a key this process has seen valid (and not since seen
+        revoked, expired or changed). No I/O: a dictionary probe on its hash."""
+        return _API_KEY.match(raw) is not None and hash_secret(raw) in self._vouched
+
+    @property
+    def db_loads(self) -> int:
+        return self._cache.loads
+
     def set_live(self, live: bool) -> None:
         self._cache.set_live(live)
 
     def changed(self, change: CredentialChange) -> None:
         if change.kind == "api_key":
-            self._cache.drop_where(lambda p: p.key_id == change.id)
+            self._forget_where(lambda p: p.key_id == change.id)
         elif change.kind == "org":
-            self._cache.drop_where(lambda p: p.org_id == change.id)
+            self._forget_where(lambda p: p.org_id == change.id)
+
+    def _forget_where(self, stale: Callable[[ApiKeyPrincipal], bool]) -> None:
+        self._cache.drop_where(stale)
+        for key_hash in [h for h, p in self._vouched.items() if stale(p)]:
+            del self._vouched[key_hash]
 
     def forget(self) -> None:
         """Drop every cached key."""
         self._cache.clear()
+        self._vouched.clear()
 
 
 API_KEYS: web.AppKey[ApiKeyAuthenticator] = web.AppKey("api_keys", ApiKeyAuthenticator)
 
 
-def require_admin(request: web.Request) -> None:
+def _is_admin(request: web.Request) -> bool:
     expected = request.app[SETTINGS].admin_token
     given = bearer_token(request)
     # Constant-time compare; with no ADMIN_TOKEN configured the admin API is simply closed.
-    if (
-        expected is None
-        or given is None
-        or not hmac.compare_digest(given.encode(), expected.encode())
-    ):
+    return (
+        expected is not None
+        and given is not None
+        and hmac.compare_digest(given.encode(), expected.encode())
+    )
+
+
+def require_admin(request: web.Request) -> None:
+    if not _is_admin(request):
         raise Problem(
             401,
             "invalid_admin_token",
             "the admin token is missing or wrong",
             headers={"WWW-Authenticate": 'Bearer realm="widget-identity-admin"'},
         )
+
+
+# --- failed attempts are throttled per client IP --------------------------------------------
+
+AUTH_FAILURES: web.AppKey[FailureThrottle] = web.AppKey("auth_failures", FailureThrottle)
+_FAILURE_CODES = frozenset({"invalid_api_key", "invalid_admin_token"})
+
+
+def _vouched_for(request: web.Request, security: str) -> bool:
+    """The credential is one we know to be good without any lookup: the admin token, or an
+    API key this process has seen work. Such a request is never throttled, so a valid caller
+    behind the same NAT as a key-guesser keeps working."""
+    if security == "adminToken":
+        return _is_admin(request)
+    raw = bearer_token(request)
+    return raw is not None and request.app[API_KEYS].vouches_for(raw)
+
+
+@web.middleware
+async def auth_failure_throttle(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts 401s of API-key and admin-token operations per client IP; past
+    ``AUTH_FAILURES_PER_IP`` a minute, that IP's further attempts are a 429 before the key is
+    looked up (a flood of guesses costs one Redis read each, not a Postgres probe)."""
+    spec = getattr(request.match_info.handler, SPEC_ATTRIBUTE, None)
+    security = spec.security if spec is not None else None
+    if security not in ("apiKey", "adminToken"):
+        return await handler(request)
+    throttle = request.app[AUTH_FAILURES]
+    ip = client_ip(request)
+    if not _vouched_for(request, security):
+        await throttle.check(request.app[REDIS], ip)
+    try:
+        return await handler(request)
+    except Problem as problem:
+        if problem.code in _FAILURE_CODES:
+            await throttle.record(request.app[REDIS], ip)
+        raise
+
+
+def install_auth_throttle(app: web.Application) -> None:
+    """Idempotent; ``service_app`` calls it. Must run before the app starts (middlewares
+    freeze then), after ``base_app`` put the problem middleware outside it."""
+    if AUTH_FAILURES in app:
+        return
+    settings = app[SETTINGS]
+    app[AUTH_FAILURES] = FailureThrottle(settings.stream_prefix, settings.auth_failures_per_ip)
+    app.middlewares.append(auth_failure_throttle)

@@ -12,7 +12,11 @@ Order of checks, cheapest and most hostile first:
 5. claims: ``iss``/``aud`` equal exactly, ``sub``/``jti``/``org``/``iat``/``exp`` required and
    typed, ``exp``/``nbf``/``iat`` with ``LEEWAY_SECONDS``;
 6. org: the claim, the key's org and the caller's org must all be the same (403 org_mismatch);
-7. revocation: ``iat`` before the contact's not-before, or an erased contact (401 token_revoked).
+7. lifetime: ``exp`` no further ahead than the org policy's ``tokenMaxTtlSeconds`` (plus
+   ``LEEWAY_SECONDS``), the same value that caps ``expiresIn`` at issuance, so a token minted
+   elsewhere with the org's key (a leaked key, a customer's own signer) cannot live for a
+   century (401 token_lifetime_exceeded);
+8. revocation: ``iat`` before the contact's not-before, or an erased contact (401 token_revoked).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from prometheus_client import Counter
 
 from shared.config import SETTINGS, Settings
 from shared.db import DB_POOL, TRANSIENT_DB_ERRORS
-from shared.errors import Problem
+from shared.errors import Problem, db_unavailable
+from shared.identity.org_policy import POLICIES, PolicyCache, install_policies
 from shared.identity.revocation import RevocationCache, install_revocation_feed
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,14 @@ def token_invalid(detail: str) -> Problem:
 
 def token_expired() -> Problem:
     return Problem(401, "token_expired", "the contact token has expired")
+
+
+def token_lifetime_exceeded(max_seconds: int) -> Problem:
+    return Problem(
+        401,
+        "token_lifetime_exceeded",
+        f"the contact token expires further ahead than the org allows ({max_seconds} s)",
+    )
 
 
 def token_revoked() -> Problem:
@@ -141,6 +154,7 @@ class KeyStore:
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
         self._deleted: set[str] = set()
+        self._unreachable = False  # the last refresh failed: "unknown" may just be "unread"
         self.db_loads = 0
 
     async def get(self, pool: asyncpg.Pool, kid: str) -> PublicKey | None:
@@ -158,11 +172,14 @@ class KeyStore:
             # than calling a real key "unknown" because someone else is loading it.
             async with self._lock:
                 pass
-            return self._keys.get(kid)
-        if now - self._attempted_at < self._min_interval:
-            return None
-        await self.refresh(pool)
-        return self._keys.get(kid)
+        elif now - self._attempted_at >= self._min_interval:
+            await self.refresh(pool)
+        key = self._keys.get(kid)
+        if key is None and self._unreachable:
+            # We could not ask Postgres: the kid may be a brand-new key. Telling its user
+            # "invalid token" would sign them out over an outage.
+            raise db_unavailable()
+        return key
 
     async def _refresh_quietly(self, pool: asyncpg.Pool) -> None:
         try:
@@ -185,10 +202,12 @@ class KeyStore:
                        WHERE deleted_at IS NULL"""
                 )
             except TRANSIENT_DB_ERRORS:
+                self._unreachable = True
                 if self._loaded_at is None:
                     raise  # nothing good to fall back on
                 log.warning("signing keys unavailable; keeping last good keys")
                 return
+            self._unreachable = False
             fresh: dict[str, PublicKey] = {}
             for row in rows:
                 kid = row["kid"]
@@ -226,6 +245,7 @@ class ContactTokenVerifier:
         *,
         keys: KeyStore | None = None,
         revocations: RevocationCache | None = None,
+        policies: PolicyCache | None = None,
     ) -> None:
         algorithms = tuple(settings.token_algorithms)
         unsupported = set(algorithms) - set(SUPPORTED_ALGORITHMS)
@@ -237,6 +257,7 @@ class ContactTokenVerifier:
         self._pool = pool
         self.keys = keys or KeyStore()
         self.revocations = revocations or RevocationCache()
+        self.policies = policies or PolicyCache()
         self._key_deleted_hooks: list[Callable[[str], None]] = []
         self._verified: dict[str, tuple[PublicKey, bytes]] = {}
 
@@ -260,7 +281,8 @@ class ContactTokenVerifier:
             hook(kid)
 
     async def verify(self, token: str, *, org_id: str) -> ContactClaims:
-        """Raises Problem: 401 token_invalid / token_expired / token_revoked, 403 org_mismatch."""
+        """Raises Problem: 401 token_invalid / token_expired / token_lifetime_exceeded /
+        token_revoked, 403 org_mismatch; 503 db_unavailable when it cannot be checked."""
         try:
             claims = await self._verify(token, org_id)
         except Problem as problem:
@@ -299,6 +321,9 @@ class ContactTokenVerifier:
         self._check_claims(claims)
         if claims.org != key.org_id or claims.org != org_id:
             raise org_mismatch()
+        policy = await self.policies.get(self._pool, org_id)
+        if claims.exp - time.time() > policy.token_max_ttl_seconds + LEEWAY_SECONDS:
+            raise token_lifetime_exceeded(policy.token_max_ttl_seconds)
         state = await self.revocations.state(self._pool, org_id, claims.sub)
         # A disabled org's tokens read as revoked: the org's admin withdrew them, and every
         # client already treats token_revoked as "get a new token" (token_invalid would blame
@@ -368,7 +393,9 @@ def install_verifier(app: web.Application) -> None:
     if CONTACT_TOKENS in app:
         return
     settings = app[SETTINGS]
-    verifier = ContactTokenVerifier(settings)
+    install_policies(app)
+    # The app's own policy cache: a policy change made through this process applies at once.
+    verifier = ContactTokenVerifier(settings, policies=app[POLICIES])
     app[CONTACT_TOKENS] = verifier
 
     async def bind(app: web.Application) -> AsyncIterator[None]:

@@ -11,14 +11,18 @@ Keys (camelCase in JSON):
   contact's scope when the visitor presents a valid contact token (promise 4).
 - ``requireSignedExternalId`` (bool, default false): a verified session's externalId must come
   from the contact token's claim; a browser-supplied one is then refused (promise 2).
-- ``tokenMaxTtlSeconds`` (int, 60..2592000, default 86400): the longest ``expiresIn`` that
-  ``POST /widget/authenticate-user`` accepts.
+- ``tokenMaxTtlSeconds`` (int, 60..2592000, default 86400): the longest a contact token may
+  live. ``POST /widget/authenticate-user`` refuses a longer ``expiresIn``, and the verifier
+  refuses any token whose ``exp`` lies further ahead than this (401 token_lifetime_exceeded),
+  whoever signed it. One value for both, so issuance and verification cannot disagree; lowering
+  it also ends tokens already issued for longer.
 - ``rateLimits`` {``authenticatePerKey``, ``sessionsPerIp``, ``sessionsPerWidgetToken``,
   ``sessionsPerVisitor``}: requests per minute, each 1..1000000 or null (environment default).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 import asyncpg
@@ -26,9 +30,12 @@ import msgspec
 from aiohttp import web
 
 from shared.config import RateLimits
+from shared.db import TRANSIENT_DB_ERRORS
 from shared.errors import not_found, validation_failed
 from shared.identity.credential_cache import CredentialCache
 from shared.identity.revocation import CredentialChange, install_revocation_feed
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_TTL_SECONDS = 3600
 MIN_TOKEN_TTL_SECONDS = 60
@@ -112,15 +119,31 @@ class PolicyCache:
         self._cache: CredentialCache[str, OrgPolicy] = CredentialCache(
             ttl=ttl, max_entries=max_entries
         )
+        # The last policy read per org, served only while Postgres cannot be read.
+        self._last_read: dict[str, OrgPolicy] = {}
+        self._max = max_entries
 
     async def get(self, pool: asyncpg.Pool, org_id: str) -> OrgPolicy:
         """The org's policy; 404 not_found when the org does not exist."""
 
         async def load() -> OrgPolicy:
-            stored = await pool.fetchval("SELECT policy FROM orgs WHERE id = $1", org_id)
+            try:
+                stored = await pool.fetchval("SELECT policy FROM orgs WHERE id = $1", org_id)
+            except TRANSIENT_DB_ERRORS:
+                last = self._last_read.get(org_id)
+                if last is None:
+                    raise
+                # Postgres is down: the last policy read beats failing every verified session
+                # (the token verifier reads it on every call).
+                log.warning("org policy unavailable; keeping the last one read")
+                return last
             if stored is None:
                 raise not_found("org")
-            return policy_from_row(stored)
+            policy = policy_from_row(stored)
+            if len(self._last_read) >= self._max:
+                self._last_read.clear()  # bounded memory beats a perfect LRU here
+            self._last_read[org_id] = policy
+            return policy
 
         return await self._cache.get(org_id, load)
 
@@ -130,6 +153,7 @@ class PolicyCache:
     def changed(self, change: CredentialChange) -> None:
         if change.kind == "org":
             self._cache.drop(change.id)
+            self._last_read.pop(change.id, None)
 
     def forget(self, org_id: str | None = None) -> None:
         if org_id is None:

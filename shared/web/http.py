@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from shared import db
 from shared import redis as redis_mod
 from shared.config import SETTINGS, Settings
-from shared.errors import Problem, unavailable, validation_failed
+from shared.errors import Problem, db_unavailable, unavailable, validation_failed
 from shared.lifecycle import READINESS, SERVICE_NAME, Readiness
 from shared.observability import HTTP_IN_FLIGHT, HTTP_LATENCY, HTTP_REQUESTS, request_id_var
 from shared.web import apidocs, openapi
@@ -33,6 +33,8 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PROBLEM_JSON = "application/problem+json"
+# What every response says in ``Server``: aiohttp's default names Python's and its own version.
+SERVER_NAME = "widget-identity"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 _encoder = msgspec.json.Encoder()
@@ -89,6 +91,18 @@ def bearer_token(request: web.Request) -> str | None:
     if scheme.lower() != "bearer" or not value.strip():
         return None
     return value.strip()
+
+
+def client_ip(request: web.Request) -> str:
+    """The socket peer, or the client a trusted proxy chain reports (TRUSTED_PROXY_HOPS);
+    a client-written X-Forwarded-For is never believed beyond the trusted hops."""
+    hops = request.app[SETTINGS].trusted_proxy_hops
+    if hops > 0:
+        chain = [p.strip() for p in request.headers.get("X-Forwarded-For", "").split(",")]
+        chain = [p for p in chain if p]
+        if len(chain) >= hops:
+            return chain[-hops][:64]
+    return request.remote or "unknown"
 
 
 def parse_uuid(raw: str, what: str) -> str:
@@ -162,23 +176,26 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status == 405 and "Allow" in exc.headers:
             http_problem.headers["Allow"] = exc.headers["Allow"]
         return problem_response(http_problem, request)
-    except db.TRANSIENT_DB_ERRORS:
-        log.warning("database unavailable", exc_info=True)
-        return problem_response(
-            unavailable("db_unavailable", "the database is unavailable"), request
-        )
-    except redis_mod.TRANSIENT_REDIS_ERRORS:
-        log.warning("redis unavailable", exc_info=True)
-        return problem_response(
-            unavailable("redis_unavailable", "the event store is unavailable"), request
-        )
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception as exc:
+        if db.is_transient(exc):
+            log.warning("database unavailable", exc_info=True)
+            return problem_response(db_unavailable(), request)
+        if isinstance(exc, redis_mod.TRANSIENT_REDIS_ERRORS):
+            log.warning("redis unavailable", exc_info=True)
+            return problem_response(
+                unavailable("redis_unavailable", "the event store is unavailable"), request
+            )
         log.exception("unhandled error")
         return problem_response(
             Problem(500, "internal_error", "an internal error occurred"), request
         )
+
+
+async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook; aiohttp only fills ``Server`` in when it is unset."""
+    response.headers["Server"] = SERVER_NAME
 
 
 class ProbeOut(msgspec.Struct, kw_only=True):
@@ -252,6 +269,7 @@ def base_app(settings: Settings, *, name: str) -> web.Application:
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app.on_response_prepare.append(name_the_server)
     readiness = Readiness()
     app[READINESS] = readiness
     # Registered first so they close last, after consumers and handlers have finished.

@@ -213,12 +213,21 @@ _DEFAULT_ERRORS = {
     429: "`rate_limited`: too many requests; retry after `Retry-After` seconds.",
     503: "`db_unavailable` or `redis_unavailable`: a backend is unreachable; retry after `Retry-After` seconds.",
 }
+_AUTH_429 = (
+    "`rate_limited`: too many requests, or too many failed authentication attempts from this "
+    "client IP (`AUTH_FAILURES_PER_IP` a minute; a key this server has already seen valid is "
+    "never held back); retry after `Retry-After` seconds."
+)
 _AUTH_ERRORS: dict[str, dict[int, str]] = {
     "apiKey": {
         401: "`invalid_api_key`: the API key is missing, malformed, unknown, revoked or expired.",
         403: "`insufficient_scope`: the API key lacks the operation's scope.",
+        429: _AUTH_429,
     },
-    "adminToken": {401: "`invalid_admin_token`: the admin token is missing or wrong."},
+    "adminToken": {
+        401: "`invalid_admin_token`: the admin token is missing or wrong.",
+        429: _AUTH_429,
+    },
     "sessionToken": {
         401: (
             "`invalid_session_token` (missing, unknown or another session's token), "
@@ -488,27 +497,31 @@ def _responses(spec: OperationSpec, schemas: _Schemas, problem: dict[str, Any]) 
                 for name, text in _RESPONSE_HEADERS[status].items()
             }
         responses[str(status)] = error
-    _add_transport_limit(responses)
+    _add_transport_limit(responses, problem)
     return responses
 
 
-# aiohttp's HTTP parser refuses these before any app code (or middleware) runs, so the answer
-# is its own plain text, not a problem: documented as it is rather than pretended away.
+# aiohttp's HTTP parser refuses these before any app code (or middleware) runs;
+# shared.web.server answers them as problems too, with a fixed detail.
 MAX_LINE_BYTES = 8190
 _TRANSPORT_400 = (
-    f"The request line (path and query) or a header is longer than {MAX_LINE_BYTES} bytes: "
-    "refused by the HTTP server before the application sees it, as `text/plain`."
+    f"`line_too_long`: the request line (path and query) or a header is longer than "
+    f"{MAX_LINE_BYTES} bytes; `malformed_request`: the request is not valid HTTP/1.1 (bad "
+    "request line, invalid header name, broken chunked encoding). Refused by the HTTP server "
+    "before the application sees it; nothing of the request is echoed."
 )
 
 
-def _add_transport_limit(responses: dict[str, Any]) -> None:
-    plain = {"text/plain": {"schema": {"type": "string"}}}
+def _add_transport_limit(responses: dict[str, Any], problem: dict[str, Any]) -> None:
     existing = responses.get("400")
     if existing is None:
-        responses["400"] = {"description": f"Bad Request. {_TRANSPORT_400}", "content": plain}
+        responses["400"] = {
+            "description": f"Bad Request. {_TRANSPORT_400}",
+            "content": {PROBLEM_JSON: {"schema": problem}},
+        }
         return
     existing["description"] += f" Or: {_TRANSPORT_400}"
-    existing.setdefault("content", {}).update(plain)
+    existing.setdefault("content", {}).setdefault(PROBLEM_JSON, {"schema": problem})
 
 
 def _error_statuses(spec: OperationSpec) -> dict[int, str]:

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from shared.errors import rate_limited
+from shared.redis import TRANSIENT_REDIS_ERRORS
 
 WINDOW_SECONDS = 60
 
@@ -53,12 +54,59 @@ class RateLimiter:
         now = time.time()
         window = int(now // WINDOW_SECONDS)
         keys = [f"{self._prefix}rl:{limit.key}:{window}" for limit in limits]
-        ttl = WINDOW_SECONDS * 2
-        try:
-            counts = await self._redis.evalsha(_COUNT_SHA, len(keys), *keys, ttl)
-        except NoScriptError:  # first use on this Redis (or after SCRIPT FLUSH / a restart)
-            counts = await self._redis.eval(_COUNT_SCRIPT, len(keys), *keys, ttl)
+        counts = await _count(self._redis, keys)
         for limit, count in zip(limits, counts, strict=True):
             if int(count) > limit.per_minute:
-                retry_after = max(1, int((window + 1) * WINDOW_SECONDS - now) + 1)
-                raise rate_limited(retry_after)
+                raise rate_limited(_retry_after(window, now))
+
+
+class FailureThrottle:
+    """Failures per key (a client IP) in the same fixed one-minute windows: ``check`` refuses
+    with 429 once ``per_minute`` failures were ``record``-ed in this window; successes cost
+    nothing. Counted in Redis, so every replica sees them; while Redis is unreachable each
+    process counts on its own rather than failing the request (an attacker gets at most
+    ``per_minute`` per replica then, and the legitimate caller is not turned away)."""
+
+    def __init__(self, prefix: str, per_minute: int, *, max_local_keys: int = 10_000) -> None:
+        self._prefix = prefix
+        self._per_minute = per_minute
+        self._max_local = max_local_keys
+        self._local: dict[str, int] = {}
+
+    def _key(self, key: str, window: int) -> str:
+        return f"{self._prefix}rl:fail:{key}:{window}"
+
+    async def check(self, redis: aioredis.Redis, key: str) -> None:
+        now = time.time()
+        window = int(now // WINDOW_SECONDS)
+        name = self._key(key, window)
+        try:
+            raw = await redis.get(name)
+            count = int(raw) if raw is not None else 0
+        except TRANSIENT_REDIS_ERRORS:
+            count = self._local.get(name, 0)
+        if count >= self._per_minute:
+            raise rate_limited(_retry_after(window, now))
+
+    async def record(self, redis: aioredis.Redis, key: str) -> None:
+        name = self._key(key, int(time.time() // WINDOW_SECONDS))
+        try:
+            await _count(redis, [name])
+        except TRANSIENT_REDIS_ERRORS:
+            if len(self._local) >= self._max_local:
+                self._local.clear()  # old windows pile up only while Redis is down
+            self._local[name] = self._local.get(name, 0) + 1
+
+
+async def _count(redis: aioredis.Redis, keys: list[str]) -> list[int]:
+    """INCR every key in one round trip; a key gets its expiry when this call created it."""
+    ttl = WINDOW_SECONDS * 2
+    try:
+        counts: list[int] = await redis.evalsha(_COUNT_SHA, len(keys), *keys, ttl)
+    except NoScriptError:  # first use on this Redis (or after SCRIPT FLUSH / a restart)
+        counts = await redis.eval(_COUNT_SCRIPT, len(keys), *keys, ttl)
+    return counts
+
+
+def _retry_after(window: int, now: float) -> int:
+    return max(1, int((window + 1) * WINDOW_SECONDS - now) + 1)

@@ -12,6 +12,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from shared.web.server import AppRunner
+
 
 @dataclass
 class Reply:
@@ -69,7 +71,7 @@ class Api:
 @asynccontextmanager
 async def running(app: web.Application) -> AsyncIterator[Api]:
     """Start ``app`` on 127.0.0.1 with a free port (cleanup contexts and all), yield a client."""
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
+    runner = AppRunner(app, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -178,6 +178,14 @@ class MalformedJson(BadRequest, codes=("malformed_json",)):
     """400 ``malformed_json``: the body is not JSON."""
 
 
+class LineTooLong(BadRequest, codes=("line_too_long",)):
+    """400 ``line_too_long``: the request line or a header is longer than the server reads."""
+
+
+class MalformedRequest(BadRequest, codes=("malformed_request",)):
+    """400 ``malformed_request``: the request is not valid HTTP/1.1."""
+
+
 class InvalidApiKey(Unauthorized, codes=("invalid_api_key",)):
     """401 ``invalid_api_key``: missing, malformed, unknown, revoked or expired."""
 
@@ -200,6 +208,11 @@ class TokenInvalid(Unauthorized, codes=("token_invalid",)):
 
 class TokenExpired(Unauthorized, codes=("token_expired",)):
     """401 ``token_expired``: the contact token has expired."""
+
+
+class TokenLifetimeExceeded(Unauthorized, codes=("token_lifetime_exceeded",)):
+    """401 ``token_lifetime_exceeded``: the contact token expires further ahead than the org's
+    ``tokenMaxTtlSeconds`` allows."""
 
 
 class TokenRevoked(Unauthorized, codes=("token_revoked",)):
