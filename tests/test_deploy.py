@@ -12,30 +12,22 @@ cluster) and then:
   other kind without a schema fails the test instead of passing unchecked;
 - checked for the operational properties docs/architecture.md asks of each workload.
 
-Without kubectl these tests skip, naming the missing tool; they never pass silently.
+Without kubectl these tests skip locally, naming the missing tool, and fail in CI (CI=true);
+they never pass silently.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
 import re
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-Manifest = dict[str, Any]
-
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
-BASE = DEPLOY / "base"
-OVERLAYS = sorted(p.parent.name for p in (DEPLOY / "overlays").glob("*/kustomization.yaml"))
+from tests.support.manifests import BASE, DEPLOY, OVERLAYS, Manifest, render
 
 # The oldest cluster minor we support (README "Requirements") and the newest schema bundled
 # with kubernetes-validate, whatever version that is.
@@ -66,30 +58,6 @@ CONSUMER_GROUP = "history"
 
 
 # --- rendering --------------------------------------------------------------------------
-
-
-def _kubectl() -> str:
-    path = shutil.which("kubectl")
-    if path is None:
-        pytest.skip(
-            "kubectl not found on PATH: the deployment tests render deploy/ with "
-            "`kubectl kustomize`; install kubectl >= 1.27 to run them"
-        )
-    return path
-
-
-@functools.cache
-def _render(directory: Path) -> tuple[Manifest, ...]:
-    proc = subprocess.run(
-        [_kubectl(), "kustomize", str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"kubectl kustomize {directory} failed:\n{proc.stderr}")
-    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
 
 
 @dataclass(frozen=True)
@@ -125,7 +93,7 @@ class Rendered:
 
 
 def _rendered(name: str) -> Rendered:
-    return Rendered(name, _render(DEPLOY / "overlays" / name))
+    return Rendered(name, render(DEPLOY / "overlays" / name))
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -350,6 +318,122 @@ _TRIGGER_AUTHENTICATION_SCHEMA: Manifest = {
     },
 }
 
+# Prometheus Operator (monitoring.coreos.com/v1), the fields deploy/monitoring uses, as
+# strict as the KEDA ones. The rules' PromQL is checked by promtool in test_monitoring.py.
+_STRING_LIST = {"type": "array", "items": _STR}
+_RELABELING = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "sourceLabels": _STRING_LIST,
+        "separator": {"type": "string"},
+        "targetLabel": _STR,
+        "regex": _STR,
+        "modulus": _COUNT,
+        "replacement": {"type": "string"},
+        "action": {
+            "enum": [
+                "replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep",
+                "lowercase", "uppercase", "keepequal", "dropequal",
+            ]
+        },
+    },
+}  # fmt: skip
+_DURATION = {"type": "string", "pattern": r"^(\d+(ms|s|m|h|d|w|y))+$"}
+_POD_MONITOR_SCHEMA: Manifest = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PodMonitor"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "podMetricsEndpoints"],
+            "properties": {
+                "jobLabel": _STR,
+                "podTargetLabels": _STRING_LIST,
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": _STRING_MAP, "matchExpressions": {}},
+                },
+                "namespaceSelector": {"type": "object"},
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": _STR,
+                            "path": _STR,
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": _DURATION,
+                            "scrapeTimeout": _DURATION,
+                            "honorLabels": {"type": "boolean"},
+                            "relabelings": {"type": "array", "items": _RELABELING},
+                            "metricRelabelings": {"type": "array", "items": _RELABELING},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+_PROMETHEUS_RULE_SCHEMA: Manifest = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": _STR,
+                            "interval": _DURATION,
+                            "limit": _COUNT,
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["expr"],
+                                    "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+                                    "properties": {
+                                        "record": _STR,
+                                        "alert": _STR,
+                                        "expr": _STR,
+                                        "for": _DURATION,
+                                        "keep_firing_for": _DURATION,
+                                        "labels": _STRING_MAP,
+                                        "annotations": _STRING_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
 # The redis-streams scaler's documented metadata keys, and its three mutually exclusive
 # scaling targets.
 _REDIS_STREAMS_KEYS = {
@@ -421,9 +505,18 @@ def _trigger_authentication_errors(kv: Any, doc: Manifest, version: str, where: 
     return errors
 
 
+def _schema_and_meta(schema: Manifest) -> Callable[[Any, Manifest, str, str], list[str]]:
+    def errors(kv: Any, doc: Manifest, version: str, where: str) -> list[str]:
+        return _json_schema_errors(schema, doc, where) + _meta_errors(kv, doc, version, where)
+
+    return errors
+
+
 _CRD_VALIDATORS: dict[tuple[str, str], Callable[[Any, Manifest, str, str], list[str]]] = {
     ("keda.sh/v1alpha1", "ScaledObject"): _scaled_object_errors,
     ("keda.sh/v1alpha1", "TriggerAuthentication"): _trigger_authentication_errors,
+    ("monitoring.coreos.com/v1", "PodMonitor"): _schema_and_meta(_POD_MONITOR_SCHEMA),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): _schema_and_meta(_PROMETHEUS_RULE_SCHEMA),
 }
 
 
@@ -471,6 +564,23 @@ def test_the_crd_schemas_reject_what_the_api_server_would(overlay: Rendered) -> 
     trigger["metadata"] = {**trigger["metadata"], "lagCount": 10}
     numeric = {**scaled, "spec": {**scaled["spec"], "triggers": [trigger]}}
     assert _scaled_object_errors(kv, numeric, version, "numeric")
+
+
+def test_the_monitoring_schemas_reject_typos() -> None:
+    kv = _validator_module()
+    version = _k8s_version(kv, "latest")
+    prod = _rendered("prod")
+    for kind in ("PodMonitor", "PrometheusRule"):
+        doc = prod.named(kind, "widget-identity")
+        check = _CRD_VALIDATORS[("monitoring.coreos.com/v1", kind)]
+        assert check(kv, doc, version, "ok") == []
+        typo = {**doc, "spec": {**doc["spec"], "selecter": {}}}
+        assert check(kv, typo, version, "typo"), f"{kind}: a misspelt field passed"
+    rules = prod.named("PrometheusRule", "widget-identity")
+    group = rules["spec"]["groups"][0]
+    bad_rule = {**group, "rules": [{"alert": "X", "exprr": "up == 0"}]}
+    bad = {**rules, "spec": {"groups": [bad_rule]}}
+    assert _CRD_VALIDATORS[("monitoring.coreos.com/v1", "PrometheusRule")](kv, bad, version, "x")
 
 
 def test_renders_one_deployment_per_service_from_one_image(overlay: Rendered) -> None:
@@ -792,7 +902,7 @@ def test_secrets_reach_containers_only_by_reference(overlay: Rendered) -> None:
 
 
 def test_base_contains_no_secret_values() -> None:
-    base = Rendered("base", _render(BASE))
+    base = Rendered("base", render(BASE))
     assert not base.of_kind("Secret"), "base must not carry a Secret"
     kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     assert "secretGenerator" not in kustomization
