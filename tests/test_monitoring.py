@@ -192,10 +192,11 @@ def _reads(expr: str) -> Reads:
 
 def _matcher_values(matcher: Any) -> list[str] | None:
     """The literal values a matcher stands for: the value, or a|b|c; None for real regexes."""
+    value = str(matcher.value)
     if matcher.op in (promql.MatchOp.Equal, promql.MatchOp.NotEqual):
-        return [matcher.value]
-    if re.fullmatch(r"[\w.]+(\|[\w.]+)*", matcher.value):
-        return matcher.value.split("|")
+        return [value]
+    if re.fullmatch(r"[\w.]+(\|[\w.]+)*", value):
+        return value.split("|")
     return None
 
 
