@@ -18,6 +18,7 @@ from services.session_resolution.config import SessionConfig
 from shared.bus.outbox import OUTBOX, Outbox
 from shared.db import DB_POOL
 from shared.identity.contact_tokens import CONTACT_TOKENS, ContactTokenVerifier
+from shared.identity.widget_tokens import WIDGET_TOKENS, WidgetTokenDirectory
 from shared.web.ratelimit import RateLimiter
 
 SESSION_CONFIG: web.AppKey[SessionConfig] = web.AppKey("session_config", SessionConfig)
@@ -31,6 +32,7 @@ class Deps:
     cache: SessionCache
     outbox: Outbox
     verifier: ContactTokenVerifier
+    widget_tokens: WidgetTokenDirectory
     config: SessionConfig
 
     @classmethod
@@ -40,5 +42,6 @@ class Deps:
             cache=app[SESSION_CACHE],
             outbox=app[OUTBOX],
             verifier=app[CONTACT_TOKENS],
+            widget_tokens=app[WIDGET_TOKENS],
             config=app[SESSION_CONFIG],
         )

@@ -46,6 +46,9 @@ class CurrentSession(msgspec.Struct, frozen=True, array_like=True):
     expires_at: float  # epoch seconds
     wrapped: bytes  # the session token, sealed to the visitor token (session_tokens.py)
     contact_token_iat: int | None
+    # Appended with defaults: entries cached before these fields existed still decode.
+    verified_kid: str | None = None
+    minted_by: str | None = None
 
 
 class VisitorState(msgspec.Struct, frozen=True, array_like=True):
@@ -68,6 +71,9 @@ class SessionRecord(msgspec.Struct, frozen=True, array_like=True):
     external_id: str
     expires_at: float  # epoch seconds
     contact_token_iat: int | None
+    # The credentials a verified session stands on (session_access.ended_credential).
+    verified_kid: str | None = None
+    minted_by: str | None = None
 
 
 _visitor_decoder = msgspec.msgpack.Decoder(VisitorState)

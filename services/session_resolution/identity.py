@@ -58,6 +58,9 @@ class ServerIdentity:
     name: str | None = None
     email: str | None = None
     custom_data: Mapping[str, Any] | None = None
+    # The credentials the token stands on; the session records them, and ends with them.
+    kid: str | None = None
+    minted_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

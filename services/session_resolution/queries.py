@@ -34,11 +34,13 @@ class SessionRow:
     expires_at: datetime
     ended_at: datetime | None
     end_reason: str | None
+    verified_kid: str | None
+    minted_by: str | None
 
 
 _SESSION_COLUMNS = """id, org_id, visitor_id, widget_token_id, level, contact_id, external_id,
     external_id_verified, attributes, fingerprint, token_wrapped, contact_token_issued_at,
-    created_at, expires_at, ended_at, end_reason"""
+    created_at, expires_at, ended_at, end_reason, verified_kid, minted_by_key"""
 
 
 def _str(value: Any) -> str | None:
@@ -63,6 +65,8 @@ def _session(row: asyncpg.Record) -> SessionRow:
         expires_at=row["expires_at"],
         ended_at=row["ended_at"],
         end_reason=row["end_reason"],
+        verified_kid=row["verified_kid"],
+        minted_by=_str(row["minted_by_key"]),
     )
 
 
@@ -99,12 +103,14 @@ async def insert_session(
     token_wrapped: bytes,
     contact_token_issued_at: datetime | None,
     expires_at: datetime,
+    verified_kid: str | None,
+    minted_by: str | None,
 ) -> datetime:
     created_at: datetime = await conn.fetchval(
         """INSERT INTO sessions (id, org_id, visitor_id, widget_token_id, level, contact_id,
                external_id, external_id_verified, attributes, fingerprint, token_hash,
-               token_wrapped, contact_token_issued_at, expires_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+               token_wrapped, contact_token_issued_at, expires_at, verified_kid, minted_by_key)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
            RETURNING created_at""",
         uuid.UUID(session_id),
         uuid.UUID(org_id),
@@ -120,6 +126,8 @@ async def insert_session(
         token_wrapped,
         contact_token_issued_at,
         expires_at,
+        verified_kid,
+        None if minted_by is None else uuid.UUID(minted_by),
     )
     return created_at
 

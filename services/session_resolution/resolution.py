@@ -98,6 +98,8 @@ def _current(row: queries.SessionRow) -> CurrentSession | None:
         expires_at=_epoch(row.expires_at),
         wrapped=row.token_wrapped,
         contact_token_iat=None if iat is None else int(_epoch(iat)),
+        verified_kid=row.verified_kid,
+        minted_by=row.minted_by,
     )
 
 
@@ -172,6 +174,10 @@ async def _reuse(
     if server is not None:
         if current.expires_at > _epoch(server.expires_at) or current.contact_token_iat is None:
             return None  # the session must not outlive the token that verifies it now
+        if (current.verified_kid, current.minted_by) != (server.kid, server.minted_by):
+            # Its credentials must be the ones that vouch now: a session verified under a
+            # since-rotated key would end with that key, under a visitor who did nothing.
+            return None
         revocation = await deps.verifier.revocations.state(
             deps.pool, widget.org_id, server.contact_id
         )

@@ -71,6 +71,8 @@ def record_from_row(row: queries.SessionRow) -> SessionRecord:
         external_id=row.external_id,
         expires_at=row.expires_at.timestamp(),
         contact_token_iat=None if iat is None else int(iat.timestamp()),
+        verified_kid=row.verified_kid,
+        minted_by=row.minted_by,
     )
 
 
@@ -111,6 +113,39 @@ async def check_session(deps: Deps, located: Located, session_id: str) -> None:
         raise session_ended("the session has expired; resolve a new one")
     if await is_revoked(deps, record.org_id, record.contact_id, record.contact_token_iat):
         raise session_revoked()
+    ended = await ended_credential(deps, record)
+    if ended is not None:
+        raise session_ended(f"the session has ended: {_CREDENTIAL_ENDS[ended]}; resolve a new one")
+
+
+# Promise 11: a session ends with any credential it stands on.
+_CREDENTIAL_ENDS = {
+    "widget_token_revoked": "the widget token that opened it was revoked",
+    "org_disabled": "its organisation was disabled",
+    "signing_key_deleted": "the signing key that verified it was deleted",
+    "api_key_revoked": "the API key that minted its contact token was revoked",
+}
+
+
+async def ended_credential(deps: Deps, record: SessionRecord) -> str | None:
+    """Which credential the session stands on has ended since it began (a key of
+    ``_CREDENTIAL_ENDS``), or None. Read from in-process caches that the revocation listener
+    keeps honest: no round trip for a session that is fine, and an end reaches every replica
+    within a second. The history service sees the same through the ``session_scopes`` view."""
+    widget = await deps.widget_tokens.get_by_id(deps.pool, record.widget_token_id)
+    if widget is None or widget.revoked:
+        return "widget_token_revoked"
+    if widget.org_disabled:
+        return "org_disabled"
+    if record.verified_kid is not None and (
+        await deps.verifier.keys.get(deps.pool, record.verified_kid) is None
+    ):
+        return "signing_key_deleted"
+    if record.minted_by is not None and not await deps.verifier.minting_keys.live(
+        deps.pool, record.org_id, record.minted_by
+    ):
+        return "api_key_revoked"
+    return None
 
 
 def check_can_log_out(located: Located, session_id: str) -> None:
@@ -140,10 +175,16 @@ async def introspect_session(deps: Deps, org_id: str, session_id: str) -> Intros
     revoked = await is_revoked(
         deps, row.org_id, row.contact_id, None if iat is None else int(iat.timestamp())
     )
+    ended = None
+    if row.ended_at is None and not revoked:
+        ended = await ended_credential(deps, record_from_row(row))
     return Introspected(
         row=row,
-        end_reason=row.end_reason or ("tokens_revoked" if revoked else None),
-        active=row.ended_at is None and not revoked and row.expires_at.timestamp() > time.time(),
+        end_reason=row.end_reason or ("tokens_revoked" if revoked else ended),
+        active=row.ended_at is None
+        and not revoked
+        and ended is None
+        and row.expires_at.timestamp() > time.time(),
     )
 
 

@@ -145,6 +145,8 @@ async def write_new_session(
             token_wrapped=wrapped,
             contact_token_issued_at=None if server is None else server.issued_at,
             expires_at=expires_at,
+            verified_kid=None if server is None else server.kid,
+            minted_by=None if server is None else server.minted_by,
         )
         await deps.outbox.emit(
             conn,
@@ -247,6 +249,8 @@ async def _remember(
                 external_id=resolution.external_id,
                 expires_at=expires,
                 contact_token_iat=iat,
+                verified_kid=None if server is None else server.kid,
+                minted_by=None if server is None else server.minted_by,
             ),
             expires - now,
         )
@@ -265,6 +269,8 @@ async def _remember(
                     expires_at=expires,
                     wrapped=written.wrapped,
                     contact_token_iat=iat,
+                    verified_kid=None if server is None else server.kid,
+                    minted_by=None if server is None else server.minted_by,
                 ),
             ),
             deps.config.visitor_cache_ttl,

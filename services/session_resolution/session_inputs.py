@@ -53,4 +53,6 @@ async def server_identity(
         name=claims.name,
         email=claims.email,
         custom_data=claims.custom_data,
+        kid=claims.kid,
+        minted_by=claims.minted_by,
     )

@@ -152,6 +152,7 @@ def _claims(
     jti: str,
     iat: int,
     exp: int,
+    api_key_id: str,
 ) -> dict[str, Any]:
     claims: dict[str, Any] = {
         "iss": settings.token_issuer,
@@ -161,6 +162,8 @@ def _claims(
         "iat": iat,
         "exp": exp,
         "jti": jti,
+        # The API key that minted it: revoking that key ends this token and what it verified.
+        "akid": api_key_id,
     }
     optional = {
         "userId": auth.user_id,
@@ -185,6 +188,7 @@ def _check_token_size(auth: Authentication, settings: Settings) -> None:
         jti=placeholder,
         iat=9_999_999_999,
         exp=9_999_999_999,
+        api_key_id=placeholder,
     )
     payload = json.dumps(claims, separators=(",", ":")).encode()
     size = len(base64.urlsafe_b64encode(payload).rstrip(b"=")) + _TOKEN_OVERHEAD
@@ -212,8 +216,11 @@ async def authenticate(
     settings: Settings,
     org_id: str,
     auth: Authentication,
+    *,
+    api_key_id: str,
 ) -> AuthenticateUserResponse:
-    """Upsert the contact, record ``contact.authenticated``, and mint its token."""
+    """Upsert the contact, record ``contact.authenticated``, and mint its token (which names
+    ``api_key_id``, the key that asked for it)."""
     key = await keyring.current(pool, org_id)  # before any write: no key, no change
     jti = str(uuid.uuid4())
     new_id = str(uuid.uuid4())
@@ -257,7 +264,16 @@ async def authenticate(
     exp = iat + auth.expires_in
     token = sign_contact_token(
         key,
-        _claims(auth, settings, org_id=org_id, contact_id=contact_id, jti=jti, iat=iat, exp=exp),
+        _claims(
+            auth,
+            settings,
+            org_id=org_id,
+            contact_id=contact_id,
+            jti=jti,
+            iat=iat,
+            exp=exp,
+            api_key_id=api_key_id,
+        ),
     )
     return AuthenticateUserResponse(
         token=token, contact_id=contact_id, expires_at=datetime.fromtimestamp(exp, UTC)

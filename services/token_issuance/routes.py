@@ -62,7 +62,13 @@ async def authenticate_user(request: web.Request) -> web.Response:
     body = await decode_body(request, authenticate_user_decoder)
     auth = contacts.validate_authentication(body, policy, app[SETTINGS])
     result = await contacts.authenticate(
-        app[DB_POOL], app[OUTBOX], app[KEYRING], app[SETTINGS], principal.org_id, auth
+        app[DB_POOL],
+        app[OUTBOX],
+        app[KEYRING],
+        app[SETTINGS],
+        principal.org_id,
+        auth,
+        api_key_id=principal.key_id,
     )
     return json_response(result)
 

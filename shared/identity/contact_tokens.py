@@ -40,6 +40,7 @@ from prometheus_client import Counter
 from shared.config import SETTINGS, Settings
 from shared.db import DB_POOL, TRANSIENT_DB_ERRORS
 from shared.errors import Problem, db_unavailable
+from shared.identity.minting_keys import MintingKeys
 from shared.identity.org_policy import POLICIES, PolicyCache, install_policies
 from shared.identity.revocation import RevocationCache, install_revocation_feed
 
@@ -78,8 +79,8 @@ def token_lifetime_exceeded(max_seconds: int) -> Problem:
     )
 
 
-def token_revoked() -> Problem:
-    return Problem(401, "token_revoked", "the contact token has been revoked")
+def token_revoked(detail: str = "the contact token has been revoked") -> Problem:
+    return Problem(401, "token_revoked", detail)
 
 
 def org_mismatch() -> Problem:
@@ -100,6 +101,10 @@ class ContactClaims:
     name: str | None
     external_id: str | None
     custom_data: dict[str, Any] | None
+    # The credentials it stands on: the signing key that verified it and the API key that
+    # minted it (None for tokens minted before tokens named it). A session records both.
+    kid: str
+    minted_by: str | None
 
 
 class _Claims(msgspec.Struct, frozen=True):
@@ -119,6 +124,7 @@ class _Claims(msgspec.Struct, frozen=True):
     name: str | None = None
     externalId: str | None = None
     customData: dict[str, Any] | None = None
+    akid: str | None = None
 
 
 _claims_decoder = msgspec.json.Decoder(_Claims)
@@ -258,6 +264,7 @@ class ContactTokenVerifier:
         self.keys = keys or KeyStore()
         self.revocations = revocations or RevocationCache()
         self.policies = policies or PolicyCache()
+        self.minting_keys = MintingKeys()
         self._key_deleted_hooks: list[Callable[[str], None]] = []
         self._verified: dict[str, tuple[PublicKey, bytes]] = {}
 
@@ -330,6 +337,10 @@ class ContactTokenVerifier:
         # the token itself, which is well-formed and signed by a live key).
         if state.revokes(claims.iat) or state.org_disabled:
             raise token_revoked()
+        if claims.akid is not None and not await self.minting_keys.live(
+            self._pool, org_id, claims.akid
+        ):
+            raise token_revoked("the API key that minted the contact token has been revoked")
         return ContactClaims(
             contact_id=claims.sub,
             org_id=claims.org,
@@ -341,6 +352,8 @@ class ContactTokenVerifier:
             name=claims.name,
             external_id=claims.externalId,
             custom_data=claims.customData,
+            kid=kid,
+            minted_by=claims.akid,
         )
 
     def _signed_payload(self, token: str, key: PublicKey) -> bytes:
@@ -405,5 +418,6 @@ def install_verifier(app: web.Application) -> None:
     app.cleanup_ctx.append(bind)
     feed = install_revocation_feed(app)
     feed.watch_contacts(verifier.revocations)
+    feed.watch(verifier.minting_keys)
     feed.on_key_deleted(verifier.key_deleted)
     feed.on_key_added(verifier.key_added)

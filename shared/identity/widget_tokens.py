@@ -152,6 +152,10 @@ class WidgetToken:
     org_id: str
     allowed_origins: frozenset[str]
     settings: WidgetSettings
+    # Only ``get_by_id`` hands out ended tokens (a session must still be able to log out);
+    # these say whether it, or its org, has ended since.
+    revoked: bool = False
+    org_disabled: bool = False
 
 
 class WidgetTokenDirectory:
@@ -187,7 +191,9 @@ class WidgetTokenDirectory:
         return await self._cached(
             b"id:" + widget_token_id.encode(),
             pool,
-            "SELECT id, org_id, allowed_origins, settings FROM widget_tokens WHERE id = $1",
+            """SELECT w.id, w.org_id, w.allowed_origins, w.settings,
+                      w.revoked_at IS NOT NULL AS revoked, o.disabled_at IS NOT NULL AS org_disabled
+               FROM widget_tokens w JOIN orgs o ON o.id = w.org_id WHERE w.id = $1""",
             uuid.UUID(widget_token_id),
         )
 
@@ -203,6 +209,8 @@ class WidgetTokenDirectory:
                 org_id=str(row["org_id"]),
                 allowed_origins=frozenset(row["allowed_origins"]),
                 settings=widget_settings_from_row(row["settings"]),
+                revoked=row.get("revoked", False),
+                org_disabled=row.get("org_disabled", False),
             )
 
         return await self._cache.get(cache_key, load)
