@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from services.session_resolution import consumers
+from services.session_resolution.browser import add_browser_routes
 from services.session_resolution.cache import SessionCache
 from services.session_resolution.deps import (
     SESSION_CACHE,
@@ -49,6 +50,7 @@ def setup(app: web.Application) -> None:
 
     app.cleanup_ctx.append(redis_backed)
     add_routes(app)
+    add_browser_routes(app)
 
     add_consumer(app, group=consumers.GROUP, handlers=consumers.handlers)
 
