@@ -10,6 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from services.history import app as history
+from services.playground import app as playground
 from services.session_resolution import app as session_resolution
 from services.token_issuance import app as token_issuance
 from shared.config import Settings
@@ -24,4 +25,5 @@ def create_app(settings: Settings) -> web.Application:
     session_resolution.setup(app)
     history.setup(app)
     history.setup_consumers(app)
+    playground.setup(app)  # only when PLAYGROUND=true
     return app
