@@ -161,7 +161,7 @@ async def test_an_anonymous_chat_follows_the_visitor_who_logs_in(
         reply = await env.api.get(f"/v1/merges/{merge['id']}", token=env.org.api_key)
         return reply.status == 200 and reply.json["status"] == "done"
 
-    await eventually(merged)
+    await eventually(merged, timeout=30)
     assert await seen(page) == {"my order is late"}
 
 

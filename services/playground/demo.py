@@ -30,7 +30,7 @@ from services.token_issuance.schemas import (
 from shared.bus.outbox import Outbox
 from shared.config import Settings
 from shared.db import in_transaction
-from shared.errors import Problem
+from shared.errors import ConfigError, Problem
 from shared.identity.org_policy import PolicyCache
 from shared.identity.widget_tokens import parse_widget_settings
 
@@ -108,11 +108,12 @@ async def _find_or_create_org(pool: asyncpg.Pool, settings: Settings) -> str:
     found = await in_transaction(pool, work)
     if found is not None:
         return found
-    if settings.key_encryption_key is None:
-        raise Problem(503, "playground_unavailable", "KEY_ENCRYPTION_KEY is not set")
+    kek = settings.key_encryption_key
+    if kek is None:  # token issuance refuses to start without it; this only satisfies types
+        raise ConfigError("KEY_ENCRYPTION_KEY: not set")
     created = await orgs.create_org(
         pool,
-        settings.key_encryption_key,
+        kek,
         settings.token_algorithms[0],
         CreateOrgRequest(name=DEMO_ORG_NAME),
     )

@@ -220,7 +220,7 @@ class Device {
 
   async followMerge(id) {
     // A login merge is recorded by the merge consumer shortly after the session resolves.
-    for (let attempt = 0; attempt < 50; attempt += 1) {
+    for (let attempt = 0; attempt < 150; attempt += 1) {
       try {
         const found = await demo(`merges/${id}`);
         if (found.status !== "pending") {
@@ -253,16 +253,23 @@ class Device {
 
 const devices = [...document.querySelectorAll(".device")].map((root) => new Device(root));
 
+let restarts = 0;
+
 async function restartAll() {
+  // Toggles clicked in quick succession: only the newest settings' token may be used.
+  const restart = ++restarts;
+  let token;
   try {
-    widgetToken = (await demo("widget-token", pageSettings())).widgetToken;
+    token = (await demo("widget-token", pageSettings())).widgetToken;
   } catch (error) {
     devices.forEach((d) => d.fail(error));
     return;
   }
+  if (restart !== restarts) return;
+  widgetToken = token;
   renderSnippet();
   await Promise.all(devices.map((d) => d.start()));
-  document.body.dataset.ready = "true";
+  if (restart === restarts) document.body.dataset.ready = "true";
 }
 
 for (const id of ["collectUserData", "prefillName", "prefillEmail", "extraPhone"]) {
