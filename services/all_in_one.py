@@ -12,6 +12,7 @@ from typing import Protocol
 from aiohttp import web
 
 from services.history import app as history
+from services.playground import app as playground
 from services.session_resolution import app as session_resolution
 from services.token_issuance import app as token_issuance
 from shared.config import Settings
@@ -36,4 +37,5 @@ def create_app(settings: Settings) -> web.Application:
     for service in SERVICES:
         service.setup_routes(app)
         service.setup_consumers(app)
+    playground.setup(app)  # only when PLAYGROUND=true
     return app

@@ -92,6 +92,7 @@ def _cmd_dev(args: argparse.Namespace) -> None:
         _dev_secret(data_dir / "key-encryption-key", secrets.token_urlsafe(32)),
     )
     env.setdefault("LOG_JSON", "false")
+    env.setdefault("PLAYGROUND", "true")
     external = bool(env.get("DATABASE_URL")) and bool(env.get("REDIS_URL"))
     if bool(env.get("DATABASE_URL")) != bool(env.get("REDIS_URL")):
         raise ConfigError(
@@ -110,6 +111,7 @@ def _cmd_dev(args: argparse.Namespace) -> None:
             f"\nwidget-identity (all-in-one) on {base}  "
             f"(migrations applied now: {applied or 'none'})\n"
             f"  health:  curl {base}/readyz\n"
+            f"  playground: {f'{base}/playground' if settings.playground else 'off'}\n"
             f"  admin token: {env['ADMIN_TOKEN']}\n"
             f"  first org:   curl -s -X POST {base}/admin/v1/orgs "
             f"-H 'Authorization: Bearer {env['ADMIN_TOKEN']}' "

@@ -78,6 +78,9 @@ class Settings:
     # Reverse proxies in front of us that append to X-Forwarded-For (e.g. 1 behind an
     # ingress). 0: the header is ignored and the socket peer is the client (it is spoofable).
     trusted_proxy_hops: int = 0
+    # GET /playground and its demo backend (all-in-one only): mints contact tokens for a demo
+    # org to anyone who can reach the server, so never on unless asked for.
+    playground: bool = False
 
     @property
     def events_stream(self) -> str:
@@ -140,6 +143,7 @@ class Settings:
                 "TRUSTED_PROXY_HOPS", int, 0, check=lambda v: 0 <= v <= 10
             ),
             auth_failures_per_ip=reader.get("AUTH_FAILURES_PER_IP", int, 20, check=_positive),
+            playground=reader.get("PLAYGROUND", _boolean, False),
             rate_limits=RateLimits(
                 authenticate_per_key=reader.get(
                     "RATE_AUTHENTICATE_PER_KEY", int, 600, check=_positive

@@ -23,8 +23,9 @@ documents. Do not edit: change the server's types and run `{COMMAND}`.
 """
 '''
 
-# Probes and documentation are for operators and browsers, not for API clients.
-SKIPPED_TAGS = {"operations"}
+# Probes, documentation and the browser SDK files are for operators and browsers, not for
+# API clients.
+SKIPPED_TAGS = {"operations", "browser"}
 SKIPPED_METHODS = {"options", "head"}
 REF = re.compile(r"^#/components/schemas/([A-Za-z][A-Za-z0-9]*)$")
 

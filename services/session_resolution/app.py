@@ -13,6 +13,7 @@ from aiohttp import web
 
 from services.session_resolution import api_routes, consumers, widget_routes
 from services.session_resolution.app_keys import SESSION_CACHE, SESSION_CONFIG, SESSION_LIMITER
+from services.session_resolution.browser import add_browser_routes
 from services.session_resolution.cache import SessionCache
 from services.session_resolution.config import SessionConfig
 from shared.bus.consumer import add_consumer
@@ -50,6 +51,7 @@ def setup_routes(app: web.Application) -> None:
     app.cleanup_ctx.append(redis_backed)
     widget_routes.add_routes(app)
     api_routes.add_routes(app)
+    add_browser_routes(app)
 
 
 def setup_consumers(app: web.Application) -> None:

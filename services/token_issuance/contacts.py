@@ -152,7 +152,7 @@ def _claims(
     jti: str,
     iat: int,
     exp: int,
-    api_key_id: str,
+    api_key_id: str | None,
 ) -> dict[str, Any]:
     claims: dict[str, Any] = {
         "iss": settings.token_issuer,
@@ -162,10 +162,10 @@ def _claims(
         "iat": iat,
         "exp": exp,
         "jti": jti,
-        # The API key that minted it: revoking that key ends this token and what it verified.
-        "akid": api_key_id,
     }
     optional = {
+        # The API key that minted it: revoking that key ends this token and what it verified.
+        "akid": api_key_id,
         "userId": auth.user_id,
         "email": auth.email,
         "name": auth.name,
@@ -217,10 +217,11 @@ async def authenticate(
     org_id: str,
     auth: Authentication,
     *,
-    api_key_id: str,
+    api_key_id: str | None,
 ) -> AuthenticateUserResponse:
     """Upsert the contact, record ``contact.authenticated``, and mint its token (which names
-    ``api_key_id``, the key that asked for it)."""
+    ``api_key_id``, the key that asked for it; None only for the Playground's demo backend,
+    which mints on its own authority)."""
     key = await keyring.current(pool, org_id)  # before any write: no key, no change
     jti = str(uuid.uuid4())
     new_id = str(uuid.uuid4())
