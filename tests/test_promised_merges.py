@@ -21,7 +21,13 @@ from services.history.overdue_merges import OverdueMerges
 from shared.bus.events import EVENT_FIELD
 from shared.bus.outbox import Outbox
 from shared.config import Settings
-from tests.support.history_fixtures import history_app
+from tests.support.history_fixtures import (
+    add_conversations,
+    history_app,
+    make_contact,
+    make_org,
+    make_visitors,
+)
 from tests.support.server import Api, eventually, running
 from tests.support.tokens import OrgFixture, mint_contact_token, provision_org
 
@@ -250,3 +256,37 @@ async def test_promise_13_an_explicit_merge_whose_event_is_lost_is_applied_too(
         )
         assert accepted.status == 202, accepted.body
         await eventually(reaches(api, org, accepted.body["id"], "done"), timeout=15)
+
+
+async def test_promise_13_the_worker_walks_every_overdue_request_once_across_pages(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    org = await make_org(pool)
+    contact = await make_contact(pool, org)
+    visitors = await make_visitors(pool, org, 450)  # more than two of the worker's pages
+    for visitor in visitors:
+        await add_conversations(pool, org, visitor_id=visitor)
+    # Requested two minutes ago, with events that never came.
+    await pool.execute(
+        """INSERT INTO merge_requests (id, org_id, visitor_id, contact_id, requested_at)
+           SELECT gen_random_uuid(), $1, v, $2, now() - interval '2 minutes'
+           FROM unnest($3::uuid[]) AS v""",
+        org.id,
+        contact,
+        visitors,
+    )
+    worker = OverdueMerges(
+        settings.with_overrides(merge_pending_timeout=1.0), pool, Outbox(settings.events_stream)
+    )
+    assert await worker.sweep() == len(visitors)
+    assert await pool.fetchval(
+        "SELECT count(*) FROM merges WHERE status = 'done' AND cardinality(conversation_ids) = 1"
+    ) == len(visitors)
+    assert await pool.fetchval(
+        "SELECT count(*) FROM conversations WHERE contact_id = $1", contact
+    ) == len(visitors)
+    # Everything before its mark is settled: the next sweep finds nothing to do.
+    assert await worker.sweep() == 0
+    assert await pool.fetchval(
+        "SELECT count(*) FROM outbox WHERE event_type = 'history.merged'"
+    ) == len(visitors)
