@@ -70,6 +70,9 @@ class Settings:
     consumer_claim_idle_ms: int = 30_000
     consumer_max_deliveries: int = 5
     consumer_concurrency: int = 8
+    # A merge request whose event has not been applied after this long is applied by the
+    # history worker straight from Postgres (promise 13).
+    merge_pending_timeout: float = 60.0
     max_body_bytes: int = 64 * 1024
     rate_limits: RateLimits = field(default_factory=RateLimits)
     # Failed API-key / admin-token attempts per client IP per minute; past it, that IP's
@@ -138,6 +141,7 @@ class Settings:
             consumer_claim_idle_ms=reader.get(
                 "CONSUMER_CLAIM_IDLE_MS", int, 30_000, check=_positive
             ),
+            merge_pending_timeout=reader.get("MERGE_PENDING_TIMEOUT", float, 60.0, check=_positive),
             max_body_bytes=reader.get("MAX_BODY_BYTES", int, 64 * 1024, check=_positive),
             trusted_proxy_hops=reader.get(
                 "TRUSTED_PROXY_HOPS", int, 0, check=lambda v: 0 <= v <= 10

@@ -434,6 +434,17 @@ async def test_login_on_a_browser_with_history_requests_one_merge(
         "sourceContactId": None,
         "sourceExternalId": "",
     }
+    # The promise is recorded with the session that hands it out (promise 13).
+    [request] = await pool.fetch(
+        "SELECT merge_id, org_id, visitor_id, contact_id, external_id FROM login_merge_requests"
+    )
+    assert [str(v) for v in request.values()] == [
+        login["merge"]["id"],
+        org.org_id,
+        browsing["identity"]["visitorId"],
+        login["identity"]["contactId"],
+        "w1",
+    ]
     # Presenting a token again (even a freshly minted one) asks for nothing more.
     fresh = (await mint_contact_token(api, org, userId="ann", externalId="w1"))["token"]
     again = await resolved(api, org, visitorToken=browsing["visitorToken"], user={"token": fresh})
@@ -445,6 +456,7 @@ async def test_login_on_a_browser_with_history_requests_one_merge(
     assert relogin["merge"] is not None
     assert relogin["merge"]["id"] != login["merge"]["id"]
     assert len(await merge_events(pool)) == 2
+    assert await pool.fetchval("SELECT count(*) FROM login_merge_requests") == 2
 
 
 async def test_no_merge_for_a_first_load_login_or_when_the_org_turns_it_off(
@@ -458,6 +470,7 @@ async def test_no_merge_for_a_first_load_login_or_when_the_org_turns_it_off(
     first_load = await resolved(api, keep, user={"token": token})
     assert first_load["merge"] is None
     assert await merge_events(pool) == []
+    assert await pool.fetchval("SELECT count(*) FROM login_merge_requests") == 0
 
 
 async def test_a_contacts_devices_can_be_listed_and_revoked(api: Api, org: OrgFixture) -> None:
@@ -734,6 +747,9 @@ async def test_concurrent_logins_on_one_browser_request_exactly_one_merge(
     merges = [r.json["merge"] for r in replies if r.json["merge"] is not None]
     assert len(merges) == 1
     assert [e["data"]["mergeId"] for e in await merge_events(pool)] == [merges[0]["id"]]
+    assert [
+        str(r["merge_id"]) for r in await pool.fetch("SELECT merge_id FROM login_merge_requests")
+    ] == [merges[0]["id"]]
     bindings = await pool.fetchval(
         "SELECT count(*) FROM device_bindings WHERE visitor_id = $1",
         uuid.UUID(browsing["identity"]["visitorId"]),

@@ -10,9 +10,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from services.history import consumers
+from services.history.overdue_merges import overdue_merges_worker
 from services.history.routes import routes
 from shared.bus.consumer import add_consumer
 from shared.config import Settings
+from shared.lifecycle import add_worker
 from shared.service import service_app
 
 NAME = "history"
@@ -25,8 +27,10 @@ def setup_routes(app: web.Application) -> None:
 
 
 def setup_consumers(app: web.Application) -> None:
-    """Add this service's event consumers (the merge consumer) to ``app``."""
+    """Add this service's event consumers (the merge consumer) to ``app``, and the worker
+    that applies merge requests whose event is overdue straight from Postgres."""
     add_consumer(app, group=GROUP, handlers=consumers.handlers)
+    add_worker(app, "overdue-merges", overdue_merges_worker)
 
 
 def create_app(settings: Settings) -> web.Application:

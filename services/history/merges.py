@@ -68,7 +68,8 @@ async def _announce(conn: asyncpg.Connection, outbox: Outbox, spec: MergeSpec, m
 async def apply_requested_merge(
     conn: asyncpg.Connection, outbox: Outbox, org_id: str, data: MergeRequestedData
 ) -> MergeOutcome:
-    """Apply a history.merge_requested event inside the consumer's transaction."""
+    """Apply a history.merge_requested event inside the caller's transaction: the
+    consumer's, or the overdue-merge worker's for a request whose event never came."""
     spec = MergeSpec.from_event(org_id, data)
     inserted = await merge_rows.insert_merge(
         conn,

@@ -187,8 +187,10 @@ async def visitor_history(request: web.Request) -> web.Response:
 @operation(
     summary="A merge and its status",
     description=(
-        "`status` is `pending`, `done`, `failed` or `undone`. A login merge is not found "
-        "until the merge consumer has recorded it."
+        "`status` is `pending`, `done`, `failed` or `undone`. A merge id handed out in a "
+        "session response is readable from that moment (`pending`, with `requestedAt`) and "
+        "ends `done` or `failed` (with `error`); one still pending after "
+        "`MERGE_PENDING_TIMEOUT` is applied from the database."
     ),
     tags=["merges"],
     responses={200: MergeOut},
@@ -200,7 +202,7 @@ async def get_merge(request: web.Request) -> web.Response:
     # Readable by history readers and by the admins who request and undo merges.
     principal = await _principal(request, "history:read", "contacts:manage")
     merge_id = parse_uuid(request.match_info["mergeId"], "merge")
-    # A login merge gets its row when the consumer applies it: until then it is not found.
+    # Before it is applied, a login merge reads as its request, pending.
     row = await merge_rows.get_merge(request.app[DB_POOL], principal.org_id, merge_id)
     if row is None:
         raise not_found("merge")

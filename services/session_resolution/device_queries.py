@@ -1,6 +1,7 @@
 """SQL of the ``device_bindings`` table: which browsers verified as which (contact,
-externalId), and when each last asked for a login merge. Every lookup carries the org
-(promise 8) or a visitor already reached through one.
+externalId), and when each last asked for a login merge; and of ``merge_requests``, the login
+merges promised in session responses. Every lookup carries the org (promise 8) or a visitor
+already reached through one.
 """
 
 from __future__ import annotations
@@ -54,6 +55,28 @@ async def mark_merge_requested(
            WHERE contact_id = $1 AND visitor_id = $2 AND external_id = $3""",
         uuid.UUID(contact_id),
         uuid.UUID(visitor_id),
+        external_id,
+    )
+
+
+async def insert_merge_request(
+    conn: asyncpg.Connection,
+    *,
+    merge_id: str,
+    org_id: str,
+    visitor_id: str,
+    contact_id: str,
+    external_id: str,
+) -> None:
+    """Record the login merge a session response is about to promise, so history can show it
+    pending (and apply it from Postgres) before, or without, its event."""
+    await conn.execute(
+        """INSERT INTO merge_requests (id, org_id, visitor_id, contact_id, external_id)
+           VALUES ($1, $2, $3, $4, $5)""",
+        uuid.UUID(merge_id),
+        uuid.UUID(org_id),
+        uuid.UUID(visitor_id),
+        uuid.UUID(contact_id),
         external_id,
     )
 

@@ -204,6 +204,15 @@ async def _bind_and_maybe_merge(
     ):
         return None
     merge_id = str(uuid.uuid4())
+    # The promise and its event commit with the session that hands out the id (promise 13).
+    await device_queries.insert_merge_request(
+        conn,
+        merge_id=merge_id,
+        org_id=widget.org_id,
+        visitor_id=visitor_id,
+        contact_id=resolution.contact_id,
+        external_id=resolution.external_id,
+    )
     # Subject = the target contact: merges into one contact are applied in order.
     await deps.outbox.emit(
         conn,

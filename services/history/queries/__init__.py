@@ -2,7 +2,8 @@
 
 - ``scopes``: sessions and visitors, read through session resolution's published views;
 - ``conversation_rows``: recording conversations and messages;
-- ``merge_rows``: merge records and the moves that re-point conversations;
+- ``merge_rows``: merge records and the moves that re-point conversations, and login merge
+  requests not applied yet (through session resolution's view ``login_merge_requests``);
 - ``locks``: the advisory scope locks and the contact row locks merges take.
 
 Reading a scope's history page is ``shared.scope_history`` (session resolution reads it

@@ -1,10 +1,13 @@
 """Merge records and the moves they make: recording a requested merge, locking it, and
-re-pointing (or putting back) every conversation of its source scope in one statement."""
+re-pointing (or putting back) every conversation of its source scope in one statement; and
+login merge requests not applied yet, read through session resolution's published view
+``login_merge_requests``."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TypeAlias
 
 import asyncpg
@@ -28,12 +31,14 @@ async def insert_merge(
     target_contact_id: str,
     target_external_id: str,
 ) -> bool:
-    """Record a requested merge as pending; False when that id is already recorded."""
+    """Record a requested merge as pending; False when that id is already recorded. A login
+    merge keeps the time it was requested, not the time it is applied."""
     inserted = await conn.fetchval(
-        """INSERT INTO merges (id, org_id, reason, source_visitor_id, source_contact_id,
-                               source_external_id, target_contact_id, target_external_id)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-           ON CONFLICT (id) DO NOTHING RETURNING true""",
+        f"""INSERT INTO merges (id, org_id, reason, source_visitor_id, source_contact_id,
+                                source_external_id, target_contact_id, target_external_id,
+                                requested_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {_REQUESTED_AT})
+            ON CONFLICT (id) DO NOTHING RETURNING true""",
         merge_id,
         org_id,
         reason,
@@ -51,15 +56,24 @@ async def insert_merges(conn: asyncpg.Connection, merges: Sequence[MergeRow]) ->
     recording the same ids wait for each other in order); returns the ids inserted."""
     rows = await conn.fetch(
         """INSERT INTO merges (id, org_id, reason, source_visitor_id, source_contact_id,
-                               source_external_id, target_contact_id, target_external_id)
-           SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::uuid[],
-                                $6::text[], $7::uuid[], $8::text[])
+                               source_external_id, target_contact_id, target_external_id,
+                               requested_at)
+           SELECT u.*, COALESCE(r.requested_at, now())
+           FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::uuid[],
+                       $6::text[], $7::uuid[], $8::text[])
+                AS u(id, org_id, reason, sv, sc, sx, tc, tx)
+           LEFT JOIN login_merge_requests r ON r.merge_id = u.id AND r.org_id = u.org_id
            ORDER BY 1
            ON CONFLICT (id) DO NOTHING RETURNING id""",
         *(list(column) for column in zip(*merges, strict=True)),
     )
     return {str(row["id"]) for row in rows}
 
+
+# When the merge was requested: a login merge's request row says; otherwise (an explicit
+# merge, recorded by the API as it is requested) now. $1 and $2 are the merge and org ids.
+_REQUESTED_AT = """COALESCE((SELECT requested_at FROM login_merge_requests
+                             WHERE merge_id = $1 AND org_id = $2), now())"""
 
 _MERGE_COLUMNS = (
     "id, org_id, reason, status, source_visitor_id, source_contact_id, source_external_id,"
@@ -84,10 +98,90 @@ async def lock_merges(conn: asyncpg.Connection, merge_ids: Sequence[str]) -> lis
     return rows
 
 
+# A login merge requested but not applied yet, in the columns of a merge row.
+_REQUEST_AS_MERGE = """
+    SELECT r.merge_id AS id, r.org_id, 'login' AS reason, 'pending' AS status,
+           r.visitor_id AS source_visitor_id, NULL::uuid AS source_contact_id,
+           '' AS source_external_id, r.contact_id AS target_contact_id,
+           r.external_id AS target_external_id, '{}'::uuid[] AS conversation_ids,
+           NULL::text AS error, r.requested_at, NULL::timestamptz AS completed_at,
+           NULL::timestamptz AS undone_at
+    FROM login_merge_requests r"""
+
+
 async def get_merge(db: Db, org_id: str, merge_id: str) -> Row | None:
+    """The merge, or the login merge request it will be while not applied yet (one statement,
+    one snapshot: never neither, never both)."""
     return await db.fetchrow(
-        f"SELECT {_MERGE_COLUMNS} FROM merges WHERE id = $1 AND org_id = $2", merge_id, org_id
+        f"""SELECT {_MERGE_COLUMNS} FROM merges WHERE id = $1 AND org_id = $2
+            UNION ALL
+            {_REQUEST_AS_MERGE}
+            WHERE r.merge_id = $1 AND r.org_id = $2
+              AND NOT EXISTS (SELECT 1 FROM merges m WHERE m.id = r.merge_id)""",
+        merge_id,
+        org_id,
     )
+
+
+async def overdue_pending_merges(db: Db, older_than: float, limit: int) -> list[Row]:
+    """Merges recorded pending (explicit contact merges) longer than ``older_than`` seconds."""
+    rows: list[Row] = await db.fetch(
+        f"""SELECT {_MERGE_COLUMNS} FROM merges
+            WHERE status = 'pending' AND requested_at < now() - make_interval(secs => $1)
+            ORDER BY requested_at LIMIT $2""",
+        older_than,
+        limit,
+    )
+    return rows
+
+
+async def overdue_login_requests(
+    db: Db,
+    *,
+    after: tuple[datetime, uuid.UUID],
+    older_than: float,
+    settled_after: float,
+    limit: int,
+) -> list[Row]:
+    """Login merge requests older than ``older_than`` seconds, in (requested_at, id) order
+    after ``after``, each with the status of its merge row (NULL: not applied yet) and
+    ``final``: older than ``settled_after`` seconds, so no request before it can still
+    commit."""
+    rows: list[Row] = await db.fetch(
+        """SELECT r.merge_id, r.org_id, r.visitor_id, r.contact_id, r.external_id,
+                  r.requested_at, m.status,
+                  r.requested_at < now() - make_interval(secs => $4) AS final
+           FROM login_merge_requests r LEFT JOIN merges m ON m.id = r.merge_id
+           WHERE (r.requested_at, r.merge_id) > ($1, $2)
+             AND r.requested_at < now() - make_interval(secs => $3)
+           ORDER BY r.requested_at, r.merge_id
+           LIMIT $5""",
+        after[0],
+        after[1],
+        older_than,
+        settled_after,
+        limit,
+    )
+    return rows
+
+
+async def record_failed_merge(db: Db, merge: MergeRow, error: str) -> bool:
+    """Record a merge that can never be applied as failed, with why (or turn its pending row
+    failed); False when it was applied or failed meanwhile."""
+    failed = await db.fetchval(
+        f"""INSERT INTO merges AS g (id, org_id, reason, source_visitor_id, source_contact_id,
+                                     source_external_id, target_contact_id,
+                                     target_external_id, requested_at, status, error,
+                                     completed_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {_REQUESTED_AT}, 'failed', $9, now())
+            ON CONFLICT (id) DO UPDATE
+            SET status = 'failed', error = excluded.error, completed_at = now()
+            WHERE g.status = 'pending' AND g.org_id = excluded.org_id
+            RETURNING true""",
+        *merge,
+        error,
+    )
+    return bool(failed)
 
 
 # Both moves re-point every conversation of the source scope in one statement and record the
