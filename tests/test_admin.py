@@ -87,7 +87,7 @@ async def test_an_org_is_created_with_its_policy_and_a_signing_key(env: Env) -> 
     assert created.json["policy"] == {
         "mergeAnonymousOnLogin": False,
         "requireSignedExternalId": False,
-        "tokenMaxTtlSeconds": 86400,
+        "maxTokenLifetime": 86400,
         "rateLimits": {
             "authenticatePerKey": None,
             "sessionsPerIp": None,
@@ -111,8 +111,8 @@ async def test_an_org_is_created_with_its_policy_and_a_signing_key(env: Env) -> 
         {"name": "x" * 201},
         {"name": "   "},
         {"name": "Acme", "policy": {"unknownSwitch": True}},
-        {"name": "Acme", "policy": {"tokenMaxTtlSeconds": 10}},
-        {"name": "Acme", "policy": {"tokenMaxTtlSeconds": "600"}},
+        {"name": "Acme", "policy": {"maxTokenLifetime": 10}},
+        {"name": "Acme", "policy": {"maxTokenLifetime": "600"}},
         {"name": "Acme", "policy": {"rateLimits": {"authenticatePerKey": 0}}},
         {"name": "Acme", "policy": {"rateLimits": {"perMoon": 1}}},
         {"name": "Acme", "policy": []},
@@ -131,21 +131,21 @@ async def test_policy_updates_are_merge_patches_validated_as_a_whole(env: Env) -
     org = await provision_org(env.api, policy={"mergeAnonymousOnLogin": False})
     path = f"/orgs/{org.org_id}"
     patched = await env.admin(
-        "PATCH", path, {"policy": {"tokenMaxTtlSeconds": 600, "rateLimits": {"sessionsPerIp": 7}}}
+        "PATCH", path, {"policy": {"maxTokenLifetime": 600, "rateLimits": {"sessionsPerIp": 7}}}
     )
     assert patched.status == 200, patched.body
     policy = patched.json["policy"]
     assert policy["mergeAnonymousOnLogin"] is False  # untouched
-    assert policy["tokenMaxTtlSeconds"] == 600
+    assert policy["maxTokenLifetime"] == 600
     assert policy["rateLimits"]["sessionsPerIp"] == 7
     # Takes effect at once on this replica.
     too_long = await env.api.post(
         "/widget/authenticate-user", json={"userId": "u", "expiresIn": 601}, token=org.api_key
     )
     assert too_long.status == 422
-    reset = await env.admin("PATCH", path, {"policy": {"tokenMaxTtlSeconds": None}})
-    assert reset.json["policy"]["tokenMaxTtlSeconds"] == 86400
-    bad = await env.admin("PATCH", path, {"policy": {"tokenMaxTtlSeconds": 1}})
+    reset = await env.admin("PATCH", path, {"policy": {"maxTokenLifetime": None}})
+    assert reset.json["policy"]["maxTokenLifetime"] == 86400
+    bad = await env.admin("PATCH", path, {"policy": {"maxTokenLifetime": 1}})
     assert bad.status == 422
     unknown = await env.admin("PATCH", path, {"policy": {"newThing": 1}})
     assert unknown.status == 422
@@ -317,11 +317,11 @@ async def test_unknown_and_malformed_org_ids_are_404(env: Env) -> None:
 
 async def test_the_cli_does_the_same_operations_and_prints_json(env: Env) -> None:
     code, org, err = await cli(
-        env.settings, "org", "create", "--name", "CLI Co", "--policy", '{"tokenMaxTtlSeconds": 600}'
+        env.settings, "org", "create", "--name", "CLI Co", "--policy", '{"maxTokenLifetime": 600}'
     )
     assert code == 0, err
     org_id = org["id"]
-    assert org["policy"]["tokenMaxTtlSeconds"] == 600
+    assert org["policy"]["maxTokenLifetime"] == 600
     code, key, err = await cli(
         env.settings,
         "api-key",
@@ -355,10 +355,10 @@ async def test_the_cli_does_the_same_operations_and_prints_json(env: Env) -> Non
         "--org",
         org_id,
         "--policy",
-        '{"tokenMaxTtlSeconds": 900}',
+        '{"maxTokenLifetime": 900}',
     )
     assert code == 0, err
-    assert patched["policy"]["tokenMaxTtlSeconds"] == 900
+    assert patched["policy"]["maxTokenLifetime"] == 900
     code, rotated, err = await cli(env.settings, "keys", "rotate", "--org", org_id)
     assert code == 0, err
     assert rotated["kid"] != org["signingKey"]["kid"]

@@ -234,7 +234,7 @@ async def test_clock_leeway_edges(env: Env) -> None:
     assert await env.verdict(env.signed(env.claims(nbf=now + 60))) == "401 token_invalid"
 
 
-# The default org policy's tokenMaxTtlSeconds, the longest a contact token may live.
+# The default org policy's maxTokenLifetime, the longest a contact token may live.
 DEFAULT_MAX_LIFETIME = 86_400
 
 
@@ -252,7 +252,7 @@ async def test_a_token_living_longer_than_the_org_allows_is_refused_whoever_sign
 
 
 async def test_the_lifetime_limit_is_each_orgs_own_policy(env: Env, pool: asyncpg.Pool) -> None:
-    strict = await provision_org(env.api, name="Strict", policy={"tokenMaxTtlSeconds": 600})
+    strict = await provision_org(env.api, name="Strict", policy={"maxTokenLifetime": 600})
     strict_key = await private_key_of(pool, env.settings, strict.kid)
     assert isinstance(strict_key, ed25519.Ed25519PrivateKey)
     contact = await mint_contact_token(env.api, strict, userId="sam", expiresIn=600)
@@ -277,7 +277,7 @@ async def test_issuance_and_verification_share_one_limit_and_lowering_it_ends_lo
     assert await env.verdict(day["token"]) == "ok"
     lowered = await env.api.patch(
         f"/admin/v1/orgs/{env.org.org_id}",
-        json={"policy": {"tokenMaxTtlSeconds": 600}},
+        json={"policy": {"maxTokenLifetime": 600}},
         token=ADMIN_TOKEN,
     )
     assert lowered.status == 200, lowered.body

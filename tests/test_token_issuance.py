@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +26,8 @@ from shared.bus.events import EVENT_FIELD, ContactAuthenticated, ContactTokensRe
 from shared.config import RateLimits, Settings
 from shared.errors import ConfigError
 from shared.identity.contact_tokens import CONTACT_TOKENS, KID_PATTERN, MAX_TOKEN_BYTES
+from shared.identity.org_policy import POLICIES
+from tests.conftest import ADMIN_TOKEN
 from tests.support.server import Reply, eventually, running
 from tests.support.token_env import TokenIssuanceEnv, token_issuance
 from tests.support.tokens import mint_contact_token, provision_org
@@ -259,7 +262,7 @@ async def test_the_largest_accepted_claims_still_make_a_token_the_verifier_accep
 
 
 async def test_expires_in_is_capped_by_the_org_policy(env: Env) -> None:
-    org = await provision_org(env.api, policy={"tokenMaxTtlSeconds": 600}, name="Short")
+    org = await provision_org(env.api, policy={"maxTokenLifetime": 600}, name="Short")
     default = await mint_contact_token(env.api, org, userId="u")
     claims = decode(env, default["token"])
     assert claims["exp"] - claims["iat"] == 600  # the default 3600 is capped too
@@ -269,6 +272,33 @@ async def test_expires_in_is_capped_by_the_org_policy(env: Env) -> None:
     over = await env.authenticate({"userId": "u", "expiresIn": 601}, key=org.api_key)
     assert over.status == 422
     assert "600" in over.json["detail"]
+
+
+async def test_the_lifetime_limit_keeps_answering_to_its_earlier_name(
+    env: Env, pool: asyncpg.Pool
+) -> None:
+    """Policy updates and stored documents written with ``tokenMaxTtlSeconds`` (the name
+    before ``maxTokenLifetime``) still mean the same limit."""
+    org = await provision_org(env.api, name="Old name")
+    patched = await env.api.patch(
+        f"/admin/v1/orgs/{org.org_id}",
+        json={"policy": {"tokenMaxTtlSeconds": 900}},
+        token=ADMIN_TOKEN,
+    )
+    assert patched.status == 200, patched.body
+    shown = await env.api.get(f"/admin/v1/orgs/{org.org_id}", token=ADMIN_TOKEN)
+    assert shown.json["policy"]["maxTokenLifetime"] == 900
+    assert "tokenMaxTtlSeconds" not in shown.json["policy"]
+    # A document stored under the old name (before migration 0010) still reads the same.
+    await pool.execute(
+        """UPDATE orgs SET policy = (policy - 'maxTokenLifetime')
+               || '{"tokenMaxTtlSeconds": 700}'::jsonb WHERE id = $1""",
+        uuid.UUID(org.org_id),
+    )
+    env.app[POLICIES].forget()
+    minted = await mint_contact_token(env.api, org, userId="u")
+    claims = decode(env, minted["token"])
+    assert claims["exp"] - claims["iat"] == 700
 
 
 async def test_rate_limit_per_key_is_set_by_org_policy(env: Env) -> None:

@@ -104,7 +104,7 @@ async def preflight(request: web.Request) -> web.Response:
         401: (
             "`invalid_widget_token`, or the contact token failed: `token_invalid`, "
             "`token_expired`, `token_revoked`, `token_lifetime_exceeded` (its `exp` lies "
-            "further ahead than the org's `tokenMaxTtlSeconds` allows)."
+            "further ahead than the org's `maxTokenLifetime` allows)."
         ),
         403: (
             "`origin_not_allowed`, `org_mismatch` (contact token of another org), "

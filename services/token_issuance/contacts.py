@@ -124,11 +124,10 @@ def validate_authentication(
         raise validation_failed("give userId or email (or both) to identify the contact")
     user_id = _text(request.user_id, "userId")
     email = normalize_email(request.email) if request.email is not None else None
-    expires_in = request.expires_in or min(DEFAULT_TOKEN_TTL_SECONDS, policy.token_max_ttl_seconds)
-    if expires_in > policy.token_max_ttl_seconds:
+    expires_in = request.expires_in or min(DEFAULT_TOKEN_TTL_SECONDS, policy.max_token_lifetime)
+    if expires_in > policy.max_token_lifetime:
         raise validation_failed(
-            f"expiresIn must not exceed the org's tokenMaxTtlSeconds "
-            f"({policy.token_max_ttl_seconds})"
+            f"expiresIn must not exceed the org's maxTokenLifetime ({policy.max_token_lifetime})"
         )
     auth = Authentication(
         contact_key=f"user:{user_id}" if user_id is not None else f"email:{email}",

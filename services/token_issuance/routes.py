@@ -51,7 +51,7 @@ from shared.web.ratelimit import Limit, RateLimiter
         ),
         422: (
             "`validation_failed`: neither userId nor email, an invalid email, customData keys "
-            "or size, expiresIn above the org's tokenMaxTtlSeconds; nothing was changed."
+            "or size, expiresIn above the org's maxTokenLifetime; nothing was changed."
         ),
         429: "",
     },

@@ -12,7 +12,7 @@ Order of checks, cheapest and most hostile first:
 5. claims: ``iss``/``aud`` equal exactly, ``sub``/``jti``/``org``/``iat``/``exp`` required and
    typed, ``exp``/``nbf``/``iat`` with ``LEEWAY_SECONDS``;
 6. org: the claim, the key's org and the caller's org must all be the same (403 org_mismatch);
-7. lifetime: ``exp`` no further ahead than the org policy's ``tokenMaxTtlSeconds`` (plus
+7. lifetime: ``exp`` no further ahead than the org policy's ``maxTokenLifetime`` (plus
    ``LEEWAY_SECONDS``), the same value that caps ``expiresIn`` at issuance, so a token minted
    elsewhere with the org's key (a leaked key, a customer's own signer) cannot live for a
    century (401 token_lifetime_exceeded);
@@ -329,8 +329,8 @@ class ContactTokenVerifier:
         if claims.org != key.org_id or claims.org != org_id:
             raise org_mismatch()
         policy = await self.policies.get(self._pool, org_id)
-        if claims.exp - time.time() > policy.token_max_ttl_seconds + LEEWAY_SECONDS:
-            raise token_lifetime_exceeded(policy.token_max_ttl_seconds)
+        if claims.exp - time.time() > policy.max_token_lifetime + LEEWAY_SECONDS:
+            raise token_lifetime_exceeded(policy.max_token_lifetime)
         state = await self.revocations.state(self._pool, org_id, claims.sub)
         # A disabled org's tokens read as revoked: the org's admin withdrew them, and every
         # client already treats token_revoked as "get a new token" (token_invalid would blame

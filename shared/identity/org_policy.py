@@ -11,8 +11,8 @@ Keys (camelCase in JSON):
   contact's scope when the visitor presents a valid contact token (promise 4).
 - ``requireSignedExternalId`` (bool, default false): a verified session's externalId must come
   from the contact token's claim; a browser-supplied one is then refused (promise 2).
-- ``tokenMaxTtlSeconds`` (int, 60..2592000, default 86400): the longest a contact token may
-  live. ``POST /widget/authenticate-user`` refuses a longer ``expiresIn``, and the verifier
+- ``maxTokenLifetime`` (seconds, 60..2592000, default 86400 = 24 h): the longest a contact
+  token may live. (Accepted under its earlier name ``tokenMaxTtlSeconds`` too, read as this.) ``POST /widget/authenticate-user`` refuses a longer ``expiresIn``, and the verifier
   refuses any token whose ``exp`` lies further ahead than this (401 token_lifetime_exceeded),
   whoever signed it. One value for both, so issuance and verification cannot disagree; lowering
   it also ends tokens already issued for longer.
@@ -57,7 +57,7 @@ class RateLimitPolicy(msgspec.Struct, frozen=True, rename="camel", forbid_unknow
 class OrgPolicy(msgspec.Struct, frozen=True, rename="camel", forbid_unknown_fields=True):
     merge_anonymous_on_login: bool = True
     require_signed_external_id: bool = False
-    token_max_ttl_seconds: TokenTtl = 86_400
+    max_token_lifetime: TokenTtl = 86_400
     rate_limits: RateLimitPolicy = msgspec.field(default_factory=RateLimitPolicy)
 
     def effective_rate_limits(self, defaults: RateLimits) -> RateLimits:
@@ -76,19 +76,36 @@ class OrgPolicy(msgspec.Struct, frozen=True, rename="camel", forbid_unknown_fiel
 DEFAULT_POLICY = OrgPolicy()
 
 
+# Keys renamed since documents were first stored or sent: old name -> current name. An old
+# name is read as the current one (and wins over it when both come in one request, since
+# only a client that knows the old name sends it); stored documents were renamed by
+# migration 0010.
+_RENAMED = {"tokenMaxTtlSeconds": "maxTokenLifetime"}
+
+
+def _current_names(raw: dict[str, Any]) -> dict[str, Any]:
+    if not any(old in raw for old in _RENAMED):
+        return raw
+    renamed = dict(raw)
+    for old, new in _RENAMED.items():
+        if old in renamed:
+            renamed[new] = renamed.pop(old)
+    return renamed
+
+
 def parse_policy(raw: Any) -> OrgPolicy:
     """Validate a policy object from a request; unknown keys and wrong types are a 422."""
     if not isinstance(raw, dict):
         raise validation_failed("policy must be a JSON object")
     try:
-        return msgspec.convert(raw, OrgPolicy)
+        return msgspec.convert(_current_names(raw), OrgPolicy)
     except msgspec.ValidationError as exc:
         raise validation_failed(f"invalid policy: {exc}") from None
 
 
 def policy_from_row(stored: Any) -> OrgPolicy:
     """Read a stored policy; stored documents were validated on the way in."""
-    return msgspec.convert(stored or {}, OrgPolicy)
+    return msgspec.convert(_current_names(stored or {}), OrgPolicy)
 
 
 def policy_document(policy: OrgPolicy) -> dict[str, Any]:

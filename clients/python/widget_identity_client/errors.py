@@ -212,7 +212,7 @@ class TokenExpired(Unauthorized, codes=("token_expired",)):
 
 class TokenLifetimeExceeded(Unauthorized, codes=("token_lifetime_exceeded",)):
     """401 ``token_lifetime_exceeded``: the contact token expires further ahead than the org's
-    ``tokenMaxTtlSeconds`` allows."""
+    ``maxTokenLifetime`` allows."""
 
 
 class TokenRevoked(Unauthorized, codes=("token_revoked",)):

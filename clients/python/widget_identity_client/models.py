@@ -352,7 +352,7 @@ class OrgList(Model, kw_only=True, frozen=True):
 class OrgPolicy(Model, kw_only=True, frozen=True):
     merge_anonymous_on_login: bool = True
     require_signed_external_id: bool = False
-    token_max_ttl_seconds: int = 86400
+    max_token_lifetime: int = 86400
     rate_limits: RateLimitPolicy | msgspec.UnsetType = msgspec.UNSET
 
 
