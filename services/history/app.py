@@ -7,12 +7,19 @@ history`` runs: this service's consumers run apart from its API).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from aiohttp import web
 
 from services.history import consumers
+from services.history.event_scrubber import EventScrubber
 from services.history.routes import routes
 from shared.bus.consumer import add_consumer
-from shared.config import Settings
+from shared.bus.events import Event
+from shared.bus.handlers import Handler
+from shared.bus.outbox import Outbox
+from shared.config import SETTINGS, Settings
+from shared.redis import WORKER_REDIS
 from shared.service import service_app
 
 NAME = "history"
@@ -26,7 +33,12 @@ def setup_routes(app: web.Application) -> None:
 
 def setup_consumers(app: web.Application) -> None:
     """Add this service's event consumers (the merge consumer) to ``app``."""
-    add_consumer(app, group=GROUP, handlers=consumers.handlers)
+
+    def handlers(outbox: Outbox) -> Mapping[type[Event], Handler]:
+        # Called at start-up, once the app's Redis clients exist.
+        return consumers.handlers(outbox, EventScrubber(app[WORKER_REDIS], app[SETTINGS]))
+
+    add_consumer(app, group=GROUP, handlers=handlers)
 
 
 def create_app(settings: Settings) -> web.Application:
