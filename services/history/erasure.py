@@ -79,9 +79,7 @@ async def erase_contact(
         ContactErased,
         org_id=org_id,
         subject=contact_id,
-        data=ContactErasedData(
-            contact_id=contact_id, receipt_id=receipt_id, visitor_ids=visitors
-        ),
+        data=ContactErasedData(contact_id=contact_id, receipt_id=receipt_id, visitor_ids=visitors),
     )
     return ErasureReceipt(
         receipt_id=receipt_id,
@@ -264,22 +262,30 @@ async def _scrub_outbox(
 ) -> None:
     """Delete every outbox row naming the contact or its browsers, published or not (an
     unpublished one is then never published), and record where Redis holds the published
-    ones: their stream ids, read by the same statement that deletes them, so a relay batch
-    committing meanwhile is waited for and its ids seen."""
+    ones: their stream ids, returned by the delete itself (which waits for a relay batch that
+    is marking them published), and each stream's newest published id before the delete."""
     await conn.execute(
-        """WITH gone AS (
+        """WITH tails AS (
+               SELECT DISTINCT ON (stream) stream, stream_ms || '-' || stream_seq AS after
+               FROM outbox WHERE stream_ms IS NOT NULL
+               ORDER BY stream, stream_ms DESC, stream_seq DESC),
+           gone AS (
                DELETE FROM outbox
                WHERE EXISTS (SELECT 1 FROM unnest($3::text[]) AS s (subject)
                              WHERE position(convert_to(s.subject, 'UTF8') IN payload) > 0)
                  AND event_type <> ALL($4::text[])
-               RETURNING stream, stream_ms, stream_seq)
-           INSERT INTO erasure_scrubs (receipt_id, org_id, subjects, streams, entry_ids)
-           SELECT $1, $2, $3,
-                  COALESCE(array_agg(stream ORDER BY stream_ms, stream_seq)
-                           FILTER (WHERE stream_ms IS NOT NULL), '{}'),
-                  COALESCE(array_agg(stream_ms || '-' || stream_seq ORDER BY stream_ms, stream_seq)
-                           FILTER (WHERE stream_ms IS NOT NULL), '{}')
-           FROM gone""",
+               RETURNING stream, stream_ms, stream_seq),
+           published AS (
+               SELECT COALESCE(array_agg(stream ORDER BY stream_ms, stream_seq), '{}') AS streams,
+                      COALESCE(array_agg(stream_ms || '-' || stream_seq
+                                         ORDER BY stream_ms, stream_seq), '{}') AS entry_ids
+               FROM gone WHERE stream_ms IS NOT NULL)
+           INSERT INTO erasure_scrubs
+               (receipt_id, org_id, subjects, streams, entry_ids, tail_streams, tail_after)
+           SELECT $1, $2, $3, published.streams, published.entry_ids,
+                  COALESCE((SELECT array_agg(stream) FROM tails), '{}'),
+                  COALESCE((SELECT array_agg(after) FROM tails), '{}')
+           FROM published""",
         uuid.UUID(receipt_id),
         uuid.UUID(org_id),
         subjects,

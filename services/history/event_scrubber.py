@@ -9,9 +9,12 @@ and bound browsers) that name the person. When history's consumer handles the er
 ``contact.erased`` event, this removes:
 
 - the recorded entries (XDEL by id);
-- any other entry naming the person in the recent tail of those streams: a relay batch read
-  before the erasure committed is published after it, but the relay publishes in outbox
-  order, so such an entry always lies before the ``contact.erased`` being handled;
+- any other entry naming the person published after the newest entry the outbox had recorded
+  when the erasure ran: a relay batch read before the erasure committed is published after
+  it (its rows were deleted before it could record their ids), but the relay publishes in
+  outbox order, so such an entry lies before the ``contact.erased`` being handled. Entries
+  up to that mark were published by committed batches, so their rows carried their ids (a
+  stream without such a mark is scanned whole);
 - every dead letter naming the person, in every dead-letter stream (they are few, and a
   message may have been parked long ago).
 
@@ -37,9 +40,6 @@ from shared.config import Settings
 
 log = logging.getLogger(__name__)
 
-# How far before the erasure the tail scan starts: covers a relay batch in flight and clock
-# differences between Postgres and Redis, with a wide margin.
-TAIL_MARGIN_MS = 5 * 60 * 1000
 _PAGE = 500
 
 
@@ -49,13 +49,17 @@ class EventScrubber:
         self._settings = settings
 
     async def handle(self, event: ContactErased, conn: asyncpg.Connection) -> None:
-        await self.scrub(conn, event.data.receipt_id)
+        await self.scrub(conn, event.data.receipt_id, erased_event_id=event.id)
 
-    async def scrub(self, conn: asyncpg.Connection, receipt_id: str) -> int:
-        """Remove the erased person's entries from Redis; return how many went."""
+    async def scrub(
+        self, conn: asyncpg.Connection, receipt_id: str, *, erased_event_id: str
+    ) -> int:
+        """Remove the erased person's entries from Redis; return how many went. The stream is
+        scanned up to the erasure's own ``contact.erased`` entry: what comes after it was
+        committed after the erasure (a merge request naming the tombstone, which must still
+        reach the merge consumer to fail)."""
         row = await conn.fetchrow(
-            """SELECT subjects, streams, entry_ids,
-                      (extract(epoch FROM created_at) * 1000)::bigint AS created_ms
+            """SELECT subjects, streams, entry_ids, tail_streams, tail_after
                FROM erasure_scrubs WHERE receipt_id = $1 FOR UPDATE""",
             uuid.UUID(receipt_id),
         )
@@ -63,9 +67,12 @@ class EventScrubber:
             return 0  # done already (or an erasure from before this table existed)
         needles = [subject.encode() for subject in row["subjects"]]
         removed = await self._delete_recorded(row["streams"], row["entry_ids"])
-        tail_start = f"{max(0, row['created_ms'] - TAIL_MARGIN_MS)}-0"
+        tails = dict(zip(row["tail_streams"], row["tail_after"], strict=True))
         for stream in {self._settings.events_stream, *row["streams"]}:
-            removed += await self._delete_naming(stream, needles, start=tail_start)
+            start = "(" + tails[stream] if stream in tails else "-"
+            removed += await self._delete_naming(
+                stream, needles, start=start, until=erased_event_id.encode()
+            )
         async for key in self._redis.scan_iter(
             match=self._settings.dead_letter_stream("*"), _type="stream", count=1000
         ):
@@ -89,19 +96,32 @@ class EventScrubber:
                 removed += int(await self._redis.xdel(stream, *ids[at : at + _PAGE]))
         return removed
 
-    async def _delete_naming(self, stream: str | bytes, needles: list[bytes], *, start: str) -> int:
+    async def _delete_naming(
+        self,
+        stream: str | bytes,
+        needles: list[bytes],
+        *,
+        start: str,
+        until: bytes | None = None,
+    ) -> int:
         """Delete the entries of ``stream`` from ``start`` on that name the person (in any
-        field: a dead letter's error text too), except the erasure's own events."""
+        field: a dead letter's error text too), except the erasure's own events; stop at the
+        entry holding the event ``until`` (the whole rest of the stream if it is not there)."""
         removed = 0
         cursor = start
         while True:
             page = stream_entries(await self._redis.xrange(stream, min=cursor, count=_PAGE))
-            if not page:
-                return removed
-            doomed = [mid for mid, fields in page if _names(fields or {}, needles)]
+            doomed: list[bytes] = []
+            reached = False
+            for mid, fields in page:
+                if until is not None and until in (fields or {}).get(EVENT_FIELD, b""):
+                    reached = True
+                    break
+                if _names(fields or {}, needles):
+                    doomed.append(mid)
             if doomed:
                 removed += int(await self._redis.xdel(stream, *doomed))
-            if len(page) < _PAGE:
+            if reached or len(page) < _PAGE:
                 return removed
             cursor = "(" + page[-1][0].decode()
 

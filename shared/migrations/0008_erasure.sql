@@ -9,19 +9,22 @@ ALTER TABLE visitors
     ALTER COLUMN token_hash DROP NOT NULL;
 
 -- Owner: history (erasure). Where Redis still holds the person's events after the erasure
--- committed: the stream ids of the outbox rows the erasure deleted (captured before the
--- delete), and the ids (contact and bound visitors) that name them. Written in the erasure's
--- transaction; the history consumer removes those entries (and any other naming them, in the
--- event stream's recent tail and in every dead-letter stream) when it handles the erasure's
--- contact.erased event, retried until Redis answers, then deletes the row. Ids only.
+-- committed, written in the erasure's transaction: the stream ids of the outbox rows it deleted
+-- (captured by the delete itself), and, per stream, the newest id any published row had then:
+-- an entry after it was published by a relay batch still in flight, or later. The history
+-- consumer, handling the erasure's contact.erased event (retried until Redis answers),
+-- deletes the recorded entries, every entry after that mark naming one of ``subjects``, and
+-- every dead letter naming one; then this row. Ids only.
 CREATE TABLE erasure_scrubs (
-    receipt_id  uuid PRIMARY KEY,
-    org_id      uuid NOT NULL,
+    receipt_id   uuid PRIMARY KEY,
+    org_id       uuid NOT NULL,
     -- The contact id and the bound visitors' ids: a stream entry naming one is the person's.
-    subjects    text[] NOT NULL,
-    -- Parallel arrays: stream name and entry id ('<ms>-<seq>') of each deleted outbox row
-    -- that had been published.
-    streams     text[] NOT NULL DEFAULT '{}',
-    entry_ids   text[] NOT NULL DEFAULT '{}',
-    created_at  timestamptz NOT NULL DEFAULT now()
+    subjects     text[] NOT NULL,
+    -- Parallel arrays: stream and entry id ('<ms>-<seq>') of each deleted published row.
+    streams      text[] NOT NULL DEFAULT '{}',
+    entry_ids    text[] NOT NULL DEFAULT '{}',
+    -- Parallel arrays: each stream's newest published entry id when the erasure ran.
+    tail_streams text[] NOT NULL DEFAULT '{}',
+    tail_after   text[] NOT NULL DEFAULT '{}',
+    created_at   timestamptz NOT NULL DEFAULT now()
 );
