@@ -135,7 +135,10 @@ async def test_erasure_removes_the_contacts_data_everywhere_and_returns_a_receip
     kept = await add_conversations(
         pool, org, contact_id=bystander, origin_visitor_id=phone, count=2
     )
-    kept += await add_conversations(pool, org, visitor_id=laptop, count=1)  # browser-bound
+    # What the laptop typed before logging in, never merged: the person's too.
+    gone += await add_conversations(pool, org, visitor_id=laptop, count=1)
+    stranger = await make_visitor(pool, org)
+    kept += await add_conversations(pool, org, visitor_id=stranger, count=1)
     await published_contact_event(pool, settings, org, contact)
     assert await mentions(pool, EMAIL)
 
@@ -150,7 +153,8 @@ async def test_erasure_removes_the_contacts_data_everywhere_and_returns_a_receip
         receipt["messagesDeleted"],
         receipt["bindingsRemoved"],
         receipt["sessionsEnded"],
-    ) == (4, 10, 2, 2)
+        receipt["browsersErased"],
+    ) == (5, 11, 2, 2, 2)
 
     # Postgres: nothing of the contact is left but an empty tombstone.
     assert await mentions(pool, EMAIL) == {}
@@ -166,9 +170,10 @@ async def test_erasure_removes_the_contacts_data_everywhere_and_returns_a_receip
         await pool.fetchval("SELECT count(*) FROM device_bindings WHERE contact_id = $1", contact)
         == 0
     )
-    assert (
-        await pool.fetchval("SELECT count(*) FROM device_bindings WHERE contact_id = $1", bystander)
-        == 1
+    # The bystander's binding of the shared phone stays on record, unbound: the phone is
+    # erased and starts over.
+    assert await pool.fetchval(
+        "SELECT unbound_at IS NOT NULL FROM device_bindings WHERE contact_id = $1", bystander
     )
     tombstone = await pool.fetchrow("SELECT * FROM contacts WHERE id = $1", contact)
     assert tombstone["erased_at"] is not None
@@ -188,7 +193,11 @@ async def test_erasure_removes_the_contacts_data_everywhere_and_returns_a_receip
     [revoked] = await outbox_events(pool, "contact.tokens_revoked")
     [erased] = await outbox_events(pool, "contact.erased")
     assert revoked["data"]["contactId"] == contact
-    assert erased["data"] == {"contactId": contact, "receiptId": receipt["receiptId"]}
+    assert erased["data"] == {
+        "contactId": contact,
+        "receiptId": receipt["receiptId"],
+        "visitorIds": sorted([laptop, phone]),
+    }
 
     # Every API: the history is not found, nothing can be written for it any more.
     reply = await api.get(f"/v1/contacts/{contact}/history?externalId=w1", token=org.key)
@@ -202,6 +211,8 @@ async def test_erasure_removes_the_contacts_data_everywhere_and_returns_a_receip
     )
     assert reply.status == 404
     reply = await api.get(f"/v1/visitors/{laptop}/history", token=org.key)
+    assert reply.body["conversations"] == []
+    reply = await api.get(f"/v1/visitors/{stranger}/history", token=org.key)
     assert {c["id"] for c in reply.body["conversations"]} == {kept[-1]}
     # Erasing again: already gone.
     again = await api.delete(f"/v1/contacts/{contact}", token=org.key)

@@ -7,14 +7,21 @@ history`` runs: this service's consumers run apart from its API).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from aiohttp import web
 
 from services.history import consumers
+from services.history.event_scrubber import EventScrubber
 from services.history.overdue_merges import overdue_merges_worker
 from services.history.routes import routes
 from shared.bus.consumer import add_consumer
-from shared.config import Settings
+from shared.bus.events import Event
+from shared.bus.handlers import Handler
+from shared.bus.outbox import Outbox
+from shared.config import SETTINGS, Settings
 from shared.lifecycle import add_worker
+from shared.redis import WORKER_REDIS
 from shared.service import service_app
 
 NAME = "history"
@@ -27,9 +34,15 @@ def setup_routes(app: web.Application) -> None:
 
 
 def setup_consumers(app: web.Application) -> None:
-    """Add this service's event consumers (the merge consumer) to ``app``, and the worker
-    that applies merge requests whose event is overdue straight from Postgres."""
-    add_consumer(app, group=GROUP, handlers=consumers.handlers)
+    """Add this service's event consumers (the merge consumer, which also scrubs an erased
+    person's events from Redis) to ``app``, and the worker that applies merge requests whose
+    event is overdue straight from Postgres."""
+
+    def handlers(outbox: Outbox) -> Mapping[type[Event], Handler]:
+        # Called at start-up, once the app's Redis clients exist.
+        return consumers.handlers(outbox, EventScrubber(app[WORKER_REDIS], app[SETTINGS]))
+
+    add_consumer(app, group=GROUP, handlers=handlers)
     add_worker(app, "overdue-merges", overdue_merges_worker)
 
 

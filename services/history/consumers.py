@@ -1,4 +1,5 @@
-"""Event handlers of the history consumer group (the merge consumer).
+"""Event handlers of the history consumer group (the merge consumer, which also finishes
+erasures in Redis: ``event_scrubber``).
 
 Each handler runs inside the consumer's transaction, which also records the event as
 processed: a redelivered event is skipped before it gets here, and a crash rolls both back.
@@ -12,7 +13,8 @@ import asyncpg
 from prometheus_client import Counter
 
 from services.history import merges
-from shared.bus.events import Event, HistoryMergeRequested
+from services.history.event_scrubber import EventScrubber
+from shared.bus.events import ContactErased, Event, HistoryMergeRequested
 from shared.bus.handlers import Batched, BatchHandler, Handler
 from shared.bus.outbox import Outbox
 
@@ -53,9 +55,10 @@ def merge_requested_batch_handler(outbox: Outbox) -> BatchHandler:
     return handle
 
 
-def handlers(outbox: Outbox) -> dict[type[Event], Handler]:
+def handlers(outbox: Outbox, scrubber: EventScrubber) -> dict[type[Event], Handler]:
     return {
         HistoryMergeRequested: Batched(
             one=merge_requested_handler(outbox), many=merge_requested_batch_handler(outbox)
-        )
+        ),
+        ContactErased: scrubber.handle,
     }

@@ -276,8 +276,12 @@ async def merge_contacts(request: web.Request) -> web.Response:
 @operation(
     summary="Erase a contact (GDPR)",
     description=(
-        "Deletes its history, device bindings, sessions' copies of its data and its tokens in "
-        "one transaction, leaves a tombstone and emits `contact.erased`. Returns a receipt."
+        "Deletes its history, device bindings, sessions' copies of its data and its tokens, "
+        "and erases every browser bound to it (its sessions, remembered values and "
+        "browser-bound history; the browser starts over as a new visitor), in one "
+        "transaction; leaves a tombstone and emits `contact.erased`. Event stream entries "
+        "and cache entries holding the person's data are removed shortly after, by the "
+        "consumers of that event. Returns a receipt."
     ),
     tags=["contacts"],
     responses={200: ErasureReceipt},
@@ -294,11 +298,7 @@ async def erase_contact(request: web.Request) -> web.Response:
         pool, lambda conn: erasure.erase_contact(conn, outbox, principal.org_id, contact_id)
     )
     # After the commit: every replica drops its cached token state for the contact at once
-    # (the contact.erased event is the reliable path; this is the fast one).
+    # (the contact.erased event is the reliable path; this is the fast one). Redis copies of
+    # the person's data go when the consumers handle contact.erased (see erasure.py).
     await announce_revocation(request.app[REDIS], request.app[SETTINGS], contact_id)
-    try:
-        await erasure.scrub_event_copies(pool, contact_id)
-    except Exception:
-        # The erasure itself committed; stale event copies expire with the outbox retention.
-        log.warning("could not scrub event copies after erasure", exc_info=True)
     return json_response(receipt)

@@ -132,3 +132,5 @@ class ErasureReceipt(_Out):
     messages_deleted: int
     bindings_removed: int
     sessions_ended: int
+    # Browsers that were bound to the contact: now erased, each starts over as a new visitor.
+    browsers_erased: int

@@ -7,7 +7,7 @@ the API, ``create_consumer_app``. This service has none apart: see ``create_app`
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 
@@ -17,11 +17,14 @@ from services.session_resolution.browser import add_browser_routes
 from services.session_resolution.cache import SessionCache
 from services.session_resolution.config import SessionConfig
 from shared.bus.consumer import add_consumer
+from shared.bus.events import Event
+from shared.bus.handlers import Handler
+from shared.bus.outbox import Outbox
 from shared.config import SETTINGS, Settings
 from shared.identity.contact_tokens import install_verifier
 from shared.identity.org_policy import install_policies
 from shared.identity.widget_tokens import install_widget_tokens
-from shared.redis import REDIS
+from shared.redis import REDIS, WORKER_REDIS
 from shared.service import service_app
 from shared.web.ratelimit import RateLimiter
 
@@ -55,8 +58,15 @@ def setup_routes(app: web.Application) -> None:
 
 
 def setup_consumers(app: web.Application) -> None:
-    """Add the revocation consumer (group ``session-resolution``, see consumers.py)."""
-    add_consumer(app, group=consumers.GROUP, handlers=consumers.handlers)
+    """Add the revocation and erasure consumer (group ``session-resolution``, see
+    consumers.py)."""
+
+    def handlers(outbox: Outbox) -> Mapping[type[Event], Handler]:
+        # Called at start-up, once the app's Redis clients (and any test config) are in place.
+        cache = SessionCache(app[WORKER_REDIS], app[SETTINGS].stream_prefix)
+        return consumers.handlers(outbox, cache, app.get(SESSION_CONFIG) or SessionConfig())
+
+    add_consumer(app, group=consumers.GROUP, handlers=handlers)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -1,4 +1,5 @@
-"""SQL of the ``visitors`` table: one row per browser (its token hash, remembered values).
+"""SQL of the ``visitors`` table: one row per browser (its token hash, remembered values),
+and what is left of a browser erased with its contact (see ``erased_browsers``).
 
 Every lookup by token carries the org (promise 8); lookups by id serve rows the caller already
 reached through an org-scoped path.
@@ -7,6 +8,7 @@ reached through an org-scoped path.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -112,3 +114,57 @@ async def visitor_token_hash(conn: asyncpg.Connection, visitor_id: str) -> bytes
         "SELECT token_hash FROM visitors WHERE id = $1", uuid.UUID(visitor_id)
     )
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class ErasedBrowser:
+    visitor_token_hash: bytes | None
+    # (session token hash, expires_at) of each of its sessions that still has a hash.
+    sessions: list[tuple[bytes, datetime]]
+
+
+async def erased_browsers(
+    conn: asyncpg.Connection, org_id: str, visitor_ids: Sequence[str]
+) -> list[ErasedBrowser]:
+    """The token hashes still kept for browsers erased with a contact, locked: what the cache
+    entries of those browsers are keyed by. Browsers not (or no longer) erased are absent."""
+    rows = await conn.fetch(
+        """SELECT v.token_hash,
+                  COALESCE(array_agg(s.token_hash) FILTER (WHERE s.token_hash IS NOT NULL),
+                           '{}') AS session_hashes,
+                  COALESCE(array_agg(s.expires_at) FILTER (WHERE s.token_hash IS NOT NULL),
+                           '{}') AS session_expiries
+           FROM visitors v LEFT JOIN sessions s ON s.visitor_id = v.id
+           WHERE v.org_id = $1 AND v.id = ANY($2::uuid[]) AND v.erased_at IS NOT NULL
+           GROUP BY v.id, v.token_hash""",
+        uuid.UUID(org_id),
+        [uuid.UUID(v) for v in visitor_ids],
+    )
+    return [
+        ErasedBrowser(
+            r["token_hash"],
+            list(zip(r["session_hashes"], r["session_expiries"], strict=True)),
+        )
+        for r in rows
+    ]
+
+
+async def forget_erased_tokens(
+    conn: asyncpg.Connection, org_id: str, visitor_ids: Sequence[str]
+) -> None:
+    """Drop the token hashes of erased browsers and their sessions: their tokens now read as
+    unknown everywhere, Postgres included."""
+    ids = [uuid.UUID(v) for v in visitor_ids]
+    await conn.execute(
+        """UPDATE sessions SET token_hash = NULL
+           WHERE org_id = $1 AND visitor_id = ANY($2::uuid[]) AND token_hash IS NOT NULL
+             AND visitor_id IN (SELECT id FROM visitors WHERE erased_at IS NOT NULL)""",
+        uuid.UUID(org_id),
+        ids,
+    )
+    await conn.execute(
+        """UPDATE visitors SET token_hash = NULL
+           WHERE org_id = $1 AND id = ANY($2::uuid[]) AND erased_at IS NOT NULL""",
+        uuid.UUID(org_id),
+        ids,
+    )

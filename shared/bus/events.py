@@ -138,6 +138,9 @@ class ContactTokensRevoked(Event, frozen=True, tag="contact.tokens_revoked"):
 class ContactErasedData(_Data, frozen=True):
     contact_id: str
     receipt_id: str
+    # The browsers that were bound to the contact (ids only): their owners drop what they
+    # still hold of them (session resolution: its cache entries and token hashes).
+    visitor_ids: list[str] = []
 
 
 class ContactErased(Event, frozen=True, tag="contact.erased"):

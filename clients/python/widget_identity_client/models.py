@@ -132,6 +132,7 @@ class ContactErased(Event, kw_only=True, frozen=True, tag="contact.erased"):
 class ContactErasedData(Model, kw_only=True, frozen=True):
     contact_id: str
     receipt_id: str
+    visitor_ids: list[str] = msgspec.field(default_factory=list)
 
 
 class ContactMerge(Model, kw_only=True, frozen=True):
@@ -202,6 +203,7 @@ class ErasureReceipt(Model, kw_only=True, frozen=True):
     messages_deleted: int
     bindings_removed: int
     sessions_ended: int
+    browsers_erased: int
 
 
 class ExtraField(Model, kw_only=True, frozen=True):
