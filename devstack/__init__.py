@@ -20,6 +20,7 @@ Shutdown guarantees, strongest first:
 from __future__ import annotations
 
 from .cli import main
+from .directories import ensure_free
 from .errors import DevStackError
 from .redis import ThrowawayRedis
 from .servers import DevServers, dev_servers, throwaway_redis
@@ -29,6 +30,7 @@ __all__ = [
     "DevStackError",
     "ThrowawayRedis",
     "dev_servers",
+    "ensure_free",
     "main",
     "throwaway_redis",
 ]

@@ -29,12 +29,23 @@ def _exclusive(data_dir: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            raise DevStackError(f"{data_dir} is in use by another devstack (pid {other})") from None
+            raise DevStackError(
+                f"{data_dir} is in use by another devstack (pid {other}), e.g. a `make run` "
+                "in this checkout: stop that one, or give this one its own --data-dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def ensure_free(data_dir: Path) -> None:
+    """Raise now what ``dev_servers(data_dir)`` would raise on another devstack's data dir,
+    before the caller does anything else."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(data_dir):
+        pass
 
 
 def _stale_pidfile(

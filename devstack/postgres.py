@@ -87,7 +87,8 @@ def _initdb(bindir: Path, pgdata: Path, run_as: _RunAs, throwaway: bool) -> None
     code, out = _run(argv + (["--no-sync"] if throwaway else []), run_as)
     if code != 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DevStackError(f"initdb failed (exit {code}):\n{out[-3000:]}")
+        last = next((line for line in reversed(out.splitlines()) if line.strip()), "")
+        raise DevStackError(f"initdb failed (exit {code}): {last}\n{out[-3000:]}")
     os.rename(tmp, pgdata)
 
 

@@ -187,7 +187,9 @@ def _log_tail(path: Path, proc: subprocess.Popen[bytes], lines: int = 25) -> str
         text = path.read_text(errors="replace").splitlines()
     except OSError:
         return f"{status}, no log at {path}"
-    return f"{status}; {path} ends with:\n" + "\n".join(text[-lines:])
+    # The last line (usually the FATAL one) on the first line: a one-line report keeps it.
+    last = next((line for line in reversed(text) if line.strip()), "(empty)")
+    return f"{status}; {path} ends with: {last}\n" + "\n".join(text[-lines:])
 
 
 def _await_ready(

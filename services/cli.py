@@ -1,7 +1,9 @@
 """The operator CLI, ``widget-identity``: serve, consume, migrate, dev, dlq, admin commands.
 
-Commands a program would read print JSON on stdout; logs go to stderr. A configuration or
-connection problem ends the command with one line on stderr and exit code 2.
+Commands a program would read print JSON on stdout; logs go to stderr. A configuration,
+connection or start-up problem ends the command with one line on stderr and exit code 2
+(``--debug`` or LOG_LEVEL=DEBUG adds the traceback); SIGTERM, like Ctrl-C, stops a command at
+any point, and whatever it started (``dev``'s private servers) stops with it.
 """
 
 from __future__ import annotations
@@ -10,13 +12,26 @@ import argparse
 import os
 import secrets
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import asyncpg
 from aiohttp import web
 
 from services import all_in_one
-from services.cli_support import load_settings, print_json, run_async
+from services.cli_support import (
+    DEV_DATA_DIR,
+    DEV_ENV_FILE,
+    Interrupted,
+    check_port,
+    dev_env_file,
+    load_settings,
+    print_json,
+    run_async,
+    serve_app,
+    stop_on_signals,
+)
 from services.history import app as history
 from services.session_resolution import app as session_resolution
 from services.token_issuance import app as token_issuance
@@ -25,7 +40,6 @@ from shared import db, migrate
 from shared.bus import dead_letters
 from shared.config import Settings
 from shared.errors import ConfigError
-from shared.lifecycle import serve
 from shared.observability import configure_logging
 from shared.redis import check_reachable, create_redis
 
@@ -48,18 +62,23 @@ REGISTRARS: list[CommandRegistrar] = [token_issuance_cli.register]
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     settings = load_settings()
-    serve(APPS[args.service](settings), settings, port=args.port)
+    serve_app(APPS[args.service](settings), settings, args.port)
 
 
 def _cmd_consume(args: argparse.Namespace) -> None:
     settings = load_settings()
-    serve(CONSUMERS[args.service](settings), settings, port=args.port)
+    serve_app(CONSUMERS[args.service](settings), settings, args.port)
 
 
 async def _migrate(settings: Settings) -> list[int]:
     conn = await db.connect(settings)
     try:
         return await migrate.migrate(conn)
+    except asyncpg.PostgresError as exc:
+        raise ConfigError(
+            f"DATABASE_URL: migrating failed ({type(exc).__name__}: {exc}); "
+            "check that its user may create tables"
+        ) from None
     finally:
         await conn.close()
 
@@ -79,7 +98,7 @@ async def _check_redis(settings: Settings) -> None:
 
 def _cmd_dev(args: argparse.Namespace) -> None:
     """``make run``: private Postgres and Redis unless URLs are given, migrate, serve all."""
-    from devstack import dev_servers  # only development needs it
+    from devstack import DevStackError, dev_servers, ensure_free  # only development needs it
 
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -92,43 +111,81 @@ def _cmd_dev(args: argparse.Namespace) -> None:
         _dev_secret(data_dir / "key-encryption-key", secrets.token_urlsafe(32)),
     )
     env.setdefault("LOG_JSON", "false")
-    env.setdefault("PLAYGROUND", "true")
+    # The admin token above is printed and kept in a file: other machines get no way in.
+    env.setdefault("HOST", "127.0.0.1")
+    env.setdefault("PLAYGROUND", "true")  # try the widget options live, see README
     external = bool(env.get("DATABASE_URL")) and bool(env.get("REDIS_URL"))
     if bool(env.get("DATABASE_URL")) != bool(env.get("REDIS_URL")):
         raise ConfigError(
             "set both DATABASE_URL and REDIS_URL, or neither (then private servers start)"
         )
+    # Everything that can be checked before a server starts is: each failure is one line,
+    # not servers started only to be stopped again.
+    planned = Settings.from_env(
+        {"DATABASE_URL": "postgresql://dev", "REDIS_URL": "unix:///dev", **env}
+    )
+    port = args.port if args.port is not None else planned.port
+    servers_dir = data_dir / "servers"
+    try:
+        if not external:
+            ensure_free(servers_dir)
+        check_port(planned.host, port)
+        if external:
+            _serve_dev(env, data_dir, port)
+            return
+        with dev_servers(servers_dir, log=lambda line: print(line, file=sys.stderr)) as servers:
+            env["DATABASE_URL"], env["REDIS_URL"] = servers.database_url, servers.redis_url
+            _serve_dev(env, data_dir, port)
+    except DevStackError as exc:
+        raise ConfigError(str(exc)) from exc
 
-    def run(database_url: str, redis_url: str) -> None:
-        env["DATABASE_URL"], env["REDIS_URL"] = database_url, redis_url
-        settings = Settings.from_env(env)
-        configure_logging(settings.log_level, json=settings.log_json)
-        run_async(_check_redis(settings))
-        applied = run_async(_migrate(settings))
-        port = args.port if args.port is not None else settings.port
-        base = f"http://127.0.0.1:{port}"
-        print(
-            f"\nwidget-identity (all-in-one) on {base}  "
-            f"(migrations applied now: {applied or 'none'})\n"
-            f"  health:  curl {base}/readyz\n"
-            f"  playground: {f'{base}/playground' if settings.playground else 'off'}\n"
-            f"  admin token: {env['ADMIN_TOKEN']}\n"
-            f"  first org:   curl -s -X POST {base}/admin/v1/orgs "
-            f"-H 'Authorization: Bearer {env['ADMIN_TOKEN']}' "
-            "-H 'Content-Type: application/json' -d '{\"name\": \"Acme\"}'\n"
+
+def _serve_dev(env: dict[str, str], data_dir: Path, port: int) -> None:
+    settings = Settings.from_env(env)
+    configure_logging(settings.log_level, json=settings.log_json)
+    run_async(_check_redis(settings))
+    applied = run_async(_migrate(settings))
+    shown = "127.0.0.1" if settings.host in ("", "0.0.0.0", "::") else settings.host
+    base = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
+    token = env["ADMIN_TOKEN"]
+    published = {
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "KEY_ENCRYPTION_KEY": env["KEY_ENCRYPTION_KEY"],
+        "ADMIN_TOKEN": token,
+        "WIDGET_IDENTITY_URL": base,
+    }
+    with dev_env_file(data_dir, published) as env_file:
+        lines = [
+            f"\nwidget-identity (all-in-one) on {base}  (migrations applied now: {applied or 'none'})",
+            *(
+                [f"  listening on all interfaces (HOST={settings.host})"]
+                if shown != settings.host
+                else []
+            ),
+            f"  health:  curl {base}/readyz",
+            f"  playground: {f'{base}/playground' if settings.playground else 'off'}",
+            f"  admin token: {token}",
+            f"  first org:   curl -s -X POST {base}/admin/v1/orgs -H 'Authorization: Bearer {token}' "
+            "-H 'Content-Type: application/json' -d '{\"name\": \"Acme\"}'",
+            f"  DATABASE_URL={settings.database_url}",
+            f"  REDIS_URL={settings.redis_url}",
+            f"  (both kept in {_relative(env_file)} while this runs: `widget-identity org list` and",
+            "  the client's event example in this checkout use them by themselves)",
             "  Ctrl-C stops the server and the private Postgres and Redis.\n",
-            file=sys.stderr,
-            flush=True,
-        )
-        serve(all_in_one.create_app(settings), settings, port=port)
+        ]
+        print("\n".join(lines), file=sys.stderr, flush=True)
+        try:
+            serve_app(all_in_one.create_app(settings), settings, port)
+        finally:
+            stop_on_signals()  # the server loop reset them; the private servers still stop
 
-    if external:
-        run(env["DATABASE_URL"], env["REDIS_URL"])
-        return
-    with dev_servers(
-        data_dir / "servers", log=lambda line: print(line, file=sys.stderr)
-    ) as servers:
-        run(servers.database_url, servers.redis_url)
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _dev_secret(path: Path, fresh: str) -> str:
@@ -172,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="widget-identity",
         description="Widget identity service: serve, consume events, migrate, operate.",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (or LOG_LEVEL=DEBUG)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="serve one service's HTTP API (or all of them)")
@@ -190,7 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "dev", help="development: private Postgres/Redis (unless URLs set), migrate, serve all"
     )
-    p.add_argument("--data-dir", default=".devdata", help="where dev data is kept between runs")
+    p.add_argument(
+        "--data-dir",
+        default=DEV_DATA_DIR,
+        help=f"where dev data is kept between runs; {DEV_ENV_FILE} there says how to reach it",
+    )
     p.add_argument("--port", type=int, default=None)
     p.set_defaults(func=_cmd_dev)
 
@@ -213,13 +277,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("LOG_LEVEL", "").strip().upper() == "DEBUG"
+    stop_on_signals()
     try:
         args.func(args)
-    except ConfigError as exc:
-        print(f"widget-identity: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except Interrupted as exc:
+        print(f"widget-identity: stopped by {exc}", file=sys.stderr)
+        raise SystemExit(128 + exc.signum) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except ConfigError as exc:
+        _fail(exc, str(exc), debug, code=2)
+    except Exception as exc:
+        # A bug or a failure nobody named yet: still one line, the traceback on request.
+        what = f"unexpected {type(exc).__name__}: {exc}"
+        _fail(exc, what + " (run with --debug for the traceback)", debug, code=1)
+
+
+def _fail(exc: BaseException, message: str, debug: bool, *, code: int) -> None:
+    first, _, rest = message.partition("\n")
+    if debug:
+        traceback.print_exception(exc)
+    elif rest:
+        first += " (--debug shows more)"
+    print(f"widget-identity: error: {first}", file=sys.stderr)
+    if debug and rest:
+        print(rest, file=sys.stderr)
+    raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

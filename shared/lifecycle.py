@@ -106,10 +106,11 @@ async def _serve(app: web.Application, settings: Settings, host: str, port: int)
         app, handle_signals=False, shutdown_timeout=settings.shutdown_timeout, access_log=None
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    log.info("listening", extra={"host": host, "port": port})
     try:
+        # Inside the try: a port that cannot be bound still stops the workers setup started.
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        log.info("listening", extra={"host": host, "port": port})
         await stopping.wait()
         log.info("shutting down: draining in-flight work")
         app[READINESS].draining = True

@@ -72,14 +72,22 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
                         " was applied; add a new migration instead"
                     )
                 continue
-            async with conn.transaction():
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    migration.version,
-                    migration.name,
-                    migration.checksum,
-                )
+            try:
+                async with conn.transaction():
+                    await conn.execute(migration.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                        migration.version,
+                        migration.name,
+                        migration.checksum,
+                    )
+            except asyncpg.PostgresError as exc:
+                # The transaction rolled it back: the schema is as the previous one left it.
+                raise ConfigError(
+                    f"migration {migration.version:04d}_{migration.name} failed and was rolled "
+                    f"back ({type(exc).__name__}: {exc}); the database holds something it "
+                    "does not expect: fix that (or point DATABASE_URL at an empty database)"
+                ) from None
             log.info(
                 "applied migration",
                 extra={"version": migration.version, "migration": migration.name},

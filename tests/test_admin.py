@@ -44,7 +44,7 @@ async def env(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Env]:
 
 async def test_the_admin_api_needs_the_admin_token(env: Env) -> None:
     org = await provision_org(env.api)
-    routes = [
+    routes: list[tuple[str, str, object]] = [
         ("POST", "/admin/v1/orgs", {"name": "X"}),
         ("GET", f"/admin/v1/orgs/{org.org_id}", None),
         ("PATCH", f"/admin/v1/orgs/{org.org_id}", {"policy": {}}),
@@ -295,7 +295,7 @@ async def test_signing_keys_rotate_and_delete_but_never_the_last_one(env: Env) -
 
 async def test_unknown_and_malformed_org_ids_are_404(env: Env) -> None:
     missing = "00000000-0000-4000-8000-000000000000"
-    for method, path, body in [
+    calls: list[tuple[str, str, object]] = [
         ("GET", f"/orgs/{missing}", None),
         ("PATCH", f"/orgs/{missing}", {"name": "X"}),
         ("POST", f"/orgs/{missing}/api-keys", {"scopes": ["history:read"]}),
@@ -309,7 +309,8 @@ async def test_unknown_and_malformed_org_ids_are_404(env: Env) -> None:
         ("GET", "/orgs/not-a-uuid/api-keys", None),
         ("PATCH", f"/orgs/{missing}/widget-tokens/{missing}", {"settings": {}}),
         ("DELETE", f"/orgs/{missing}/widget-tokens/not-a-uuid", None),
-    ]:
+    ]
+    for method, path, body in calls:
         reply = await env.admin(method, path, body)
         assert reply.status == 404, (method, path, reply.body)
         assert reply.json["code"] == "not_found"

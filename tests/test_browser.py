@@ -345,6 +345,7 @@ def typescript_compiler() -> list[str]:
         npm = shutil.which("npm")
         if npm is None or shutil.which("node") is None:
             unavailable("no node/npm to install TypeScript for checking identity.d.ts")
+        assert npm is not None  # unavailable() raised otherwise
         local.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [

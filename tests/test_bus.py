@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -75,7 +75,9 @@ async def emit_visitor_events(
 
 
 @asynccontextmanager
-async def background(run: Callable[[asyncio.Event], Awaitable[None]]) -> AsyncIterator[None]:
+async def background(
+    run: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+) -> AsyncIterator[None]:
     stop = asyncio.Event()
     task = asyncio.create_task(run(stop))
     try:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import importlib.util
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
@@ -56,7 +57,7 @@ def visitor_created(seq: int = 1) -> bytes:
             org_id=str(uuid.uuid4()),
             subject="v-1",
             seq=seq,
-            occurred_at="2030-01-01T00:00:00Z",
+            occurred_at=datetime(2030, 1, 1, tzinfo=UTC),
             data=VisitorCreatedData(visitor_id="v-1", widget_token_id=str(uuid.uuid4())),
         )
     )

@@ -42,7 +42,7 @@ from widget_identity_client.retry import NO_RETRY
 from tests.support.server import running
 
 ID = str(uuid.uuid4())
-NOW = "2030-01-01T00:00:00Z"
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
 FAST = RetryPolicy(attempts=4, base_delay=0.001, max_delay=5.0)
 
 Failure = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -129,6 +129,7 @@ SUCCESS = {
             messages_deleted=0,
             bindings_removed=0,
             sessions_ended=0,
+            browsers_erased=0,
         )
     ),
 }

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.typing import StreamIdT
 
 from services import all_in_one
 from shared.bus.retention import trim_stream
@@ -56,7 +57,8 @@ async def test_trimming_never_drops_pending_or_undelivered_entries(
     # What each group still owes is still readable and claimable.
     pending_fast = await redis.xpending_range(stream, "fast", "-", "+", 10)
     assert [p["message_id"] for p in pending_fast] == [ids[100]]
-    claimed = await redis.xclaim(stream, "slow", "c2", 0, slow[250:])
+    to_claim: list[StreamIdT] = [*slow[250:]]  # redis-py wants exactly this list type
+    claimed = await redis.xclaim(stream, "slow", "c2", 0, to_claim)
     assert [entry_id for entry_id, _ in claimed] == ids[250:300]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Mapping
 
 import asyncpg
 
@@ -30,7 +31,7 @@ from tests.test_sessions import (
 )
 
 
-def _b64(doc: dict[str, object]) -> str:
+def _b64(doc: Mapping[str, object]) -> str:
     return base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
 
 

@@ -7,6 +7,7 @@ Checking a key on a request is shared.identity.api_keys's job (every service doe
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -27,7 +28,7 @@ from shared.identity.revocation import CredentialChange
 from shared.web.pagination import PageRequest, next_cursor
 
 
-def check_scopes(scopes: list[str]) -> list[str]:
+def check_scopes(scopes: Sequence[str]) -> list[str]:
     unknown = sorted(set(scopes) - SCOPES)
     if unknown:
         raise validation_failed(

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from shared.identity.api_keys import Scope
 from shared.identity.contact_tokens import KID_PATTERN
 from shared.identity.org_policy import MAX_TOKEN_TTL_SECONDS, MIN_TOKEN_TTL_SECONDS, OrgPolicy
 from shared.identity.widget_tokens import MAX_ORIGINS, WidgetSettings
@@ -83,9 +84,7 @@ class OrgList(_Response, frozen=True):
 
 
 class CreateApiKeyRequest(_Request, frozen=True):
-    scopes: Annotated[
-        list[Annotated[str, msgspec.Meta(max_length=64)]], msgspec.Meta(min_length=1, max_length=16)
-    ]
+    scopes: Annotated[list[Scope], msgspec.Meta(min_length=1, max_length=16)]
     expires_at: Timestamp | None = None
 
 

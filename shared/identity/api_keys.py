@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal, get_args
 
 from aiohttp import web
 
@@ -40,16 +41,16 @@ _API_KEY = re.compile(r"^wik_[A-Za-z0-9_-]{43}$")
 # cost a write per request, and "about a minute ago" is what an admin needs to know.
 LAST_USED_INTERVAL = 60.0
 
-# Every scope a key can carry; creating a key with anything else is a 422.
-SCOPES = frozenset(
-    {
-        "contacts:authenticate",  # POST /widget/authenticate-user
-        "contacts:manage",  # revoke tokens, erase, explicit contact merges
-        "sessions:read",  # GET /v1/sessions/{id}
-        "history:read",
-        "history:write",
-    }
-)
+# Every scope a key can carry; creating a key with anything else is a 422. A Literal, so
+# the create-key request type publishes them as an enum in the OpenAPI document.
+Scope = Literal[
+    "contacts:authenticate",  # POST /widget/authenticate-user
+    "contacts:manage",  # revoke tokens, erase, explicit contact merges
+    "sessions:read",  # GET /v1/sessions/{id}
+    "history:read",
+    "history:write",
+]
+SCOPES: frozenset[Scope] = frozenset(get_args(Scope))
 
 
 def hash_secret(value: str) -> bytes:

@@ -30,6 +30,8 @@ from typing import Any, Literal, TypeVar
 import msgspec
 from aiohttp import web
 
+from shared.web import examples
+
 log = logging.getLogger(__name__)
 
 Security = Literal["apiKey", "adminToken", "sessionToken"]
@@ -263,11 +265,18 @@ class _Schemas:
 
     wanted: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
     components: dict[str, Any] = field(default_factory=dict)
+    exemplified: list[tuple[Any, str, dict[str, Any]]] = field(default_factory=list)
 
     def schema(self, tp: Any) -> dict[str, Any]:
         placeholder: dict[str, Any] = {}
         self.wanted.append((tp, placeholder))
         return placeholder
+
+    def media(self, tp: Any, media_type: str) -> dict[str, Any]:
+        """A media type object for ``tp``, with an example (see shared.web.examples)."""
+        media = {"schema": self.schema(tp)}
+        self.exemplified.append((tp, media_type, media))
+        return {media_type: media}
 
     def render(self) -> None:
         if not self.wanted:
@@ -278,6 +287,10 @@ class _Schemas:
         for (_, placeholder), schema in zip(self.wanted, rendered, strict=True):
             placeholder.update(schema)
         self.components = {name: _tidy(schema) for name, schema in sorted(components.items())}
+        for tp, media_type, media in self.exemplified:
+            value = examples.example(tp, media["schema"], self.components, media_type)
+            if value is not None:
+                media["example"] = value
 
 
 def _tidy(schema: dict[str, Any]) -> dict[str, Any]:
@@ -388,7 +401,14 @@ def build_document(
         }
     document: dict[str, Any] = {
         "openapi": "3.1.0",
-        "info": {"title": title, "version": _version(), "description": _DESCRIPTION},
+        "info": {
+            "title": title,
+            "version": _version(),
+            "description": _DESCRIPTION,
+            "license": {"name": "Apache 2.0", "identifier": "Apache-2.0"},
+        },
+        # Relative: the server that serves this document (`make run`: http://127.0.0.1:8080).
+        "servers": [{"url": "/", "description": "the server this document was fetched from"}],
         "tags": [
             {"name": t, "description": TAG_DESCRIPTIONS[t]}
             if t in TAG_DESCRIPTIONS
@@ -459,7 +479,7 @@ def _operation(
         body = _content(spec.body)
         op["requestBody"] = {
             "required": True,
-            "content": {body.media_type: {"schema": schemas.schema(body.type)}},
+            "content": schemas.media(body.type, body.media_type),
         }
         if body.description:
             op["requestBody"]["description"] = body.description
@@ -477,7 +497,7 @@ def _responses(spec: OperationSpec, schemas: _Schemas, problem: dict[str, Any]) 
         content = _content(value)
         response: dict[str, Any] = {"description": content.description or HTTPStatus(status).phrase}
         if content.type is not None:
-            response["content"] = {content.media_type: {"schema": schemas.schema(content.type)}}
+            response["content"] = schemas.media(content.type, content.media_type)
         if content.headers:
             response["headers"] = {
                 name: {"description": text, "schema": {"type": "string"}}

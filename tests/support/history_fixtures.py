@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -113,7 +113,7 @@ async def make_session(
     level: str | None = None,
     expired: bool = False,
     ended: bool = False,
-    attributes: dict[str, object] | None = None,
+    attributes: Mapping[str, object] | None = None,
 ) -> str:
     session_id = str(uuid.uuid4())
     await pool.execute(

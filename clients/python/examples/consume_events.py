@@ -1,7 +1,10 @@
 """Consume widget-identity events with a consumer group, typed.
 
     pip install 'widget-identity-client[events]'
-    python consume_events.py --redis-url redis://localhost:6379 --group crm-sync
+    python consume_events.py --redis-url redis://redis.internal:6379 --group crm-sync
+
+Without --redis-url it uses $REDIS_URL, else the Redis of a ``make run`` in the server's
+checkout that is running now (its ``.devdata/env``, looked for from here upwards).
 
 Every event is printed once it is handled; it is acknowledged only after ``handle`` returns,
 so whatever a crash interrupts is delivered again on the next start. Ctrl-C stops.
@@ -12,7 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from widget_identity_client.events import EventConsumer, Handler
@@ -58,13 +63,33 @@ async def consume(
         await redis.aclose()
 
 
+def dev_redis_url(start: Path | None = None) -> str | None:
+    """REDIS_URL from the ``.devdata/env`` that a running ``make run`` writes (and removes
+    when it stops), in ``start`` (default: the current directory) or a parent of it."""
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        with contextlib.suppress(OSError):
+            text = (directory / ".devdata" / "env").read_text()
+            for line in text.splitlines():
+                name, _, value = line.partition("=")
+                if name == "REDIS_URL":
+                    return value.strip().strip("'")
+    return None
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description="Print widget-identity events.")
-    parser.add_argument("--redis-url", default="redis://localhost:6379")
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL") or dev_redis_url(),
+        help="default: $REDIS_URL, else the running `make run` of this checkout",
+    )
     parser.add_argument("--group", default="example-consumer")
     parser.add_argument("--consumer", default=None, help="default: host-pid")
     parser.add_argument("--stream-prefix", default="wi:", help="the server's STREAM_PREFIX")
     args = parser.parse_args()
+    if not args.redis_url:
+        parser.error("no --redis-url, no REDIS_URL, and no running `make run` found (.devdata/env)")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -158,7 +158,15 @@ class ConversationOut(Model, kw_only=True, frozen=True):
 
 
 class CreateApiKeyRequest(Model, kw_only=True, frozen=True):
-    scopes: list[str]
+    scopes: list[
+        Literal[
+            "contacts:authenticate",
+            "contacts:manage",
+            "history:read",
+            "history:write",
+            "sessions:read",
+        ]
+    ]
     expires_at: datetime | None = None
 
 
