@@ -4,10 +4,12 @@ publish and the consumer that applies the event.
 Off unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set: then no SDK object exists, nothing is
 instrumented, and every helper here returns at its first line. On, the process gets one
 tracer provider (never installed as OpenTelemetry's global one, so tests can swap it), the
-asyncpg and Redis instrumentations, and the aiohttp server middleware on every app.
+asyncpg and Redis instrumentations, and the aiohttp server instrumentation (its
+middleware first in every Application made after ``configure``).
 
-How the pieces join: the server span's context is copied into ``traceparent_var`` for the
-handler, so every event the request emits carries it in its envelope. The relay publishes
+How the pieces join: ``Outbox`` writes the active span (the request's server span) into
+the event's ``traceparent``, falling back to ``traceparent_var`` when no span is active (as
+always when tracing is off, where nothing sets it either). The relay publishes
 each event under a span whose parent is that traceparent, and the consumer applies it
 under a span whose parent is the same traceparent, so its transaction (and the asyncpg
 spans inside) sit in the request's trace. Database and Redis calls outside any request or
