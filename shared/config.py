@@ -84,6 +84,10 @@ class Settings:
     # GET /playground and its demo backend (all-in-one only): mints contact tokens for a demo
     # org to anyone who can reach the server, so never on unless asked for.
     playground: bool = False
+    # OTLP/HTTP base URL of a trace collector; unset, tracing is off (shared.tracing).
+    otel_exporter_otlp_endpoint: str | None = None
+    # Defaults to ``widget-identity-<service>`` (e.g. widget-identity-history-consumer).
+    otel_service_name: str | None = None
 
     @property
     def events_stream(self) -> str:
@@ -148,6 +152,12 @@ class Settings:
             ),
             auth_failures_per_ip=reader.get("AUTH_FAILURES_PER_IP", int, 20, check=_positive),
             playground=reader.get("PLAYGROUND", _boolean, False),
+            otel_exporter_otlp_endpoint=reader.optional_url(
+                "OTEL_EXPORTER_OTLP_ENDPOINT", ("http", "https")
+            ),
+            otel_service_name=reader.get(
+                "OTEL_SERVICE_NAME", str, None, check=lambda v: bool(v and v.strip())
+            ),
             rate_limits=RateLimits(
                 authenticate_per_key=reader.get(
                     "RATE_AUTHENTICATE_PER_KEY", int, 600, check=_positive
@@ -220,6 +230,11 @@ class _Reader:
                 f"{name}: scheme {parts.scheme or '(none)'!r} is not one of {', '.join(schemes)}"
             )
         return raw
+
+    def optional_url(self, name: str, schemes: tuple[str, ...]) -> str | None:
+        if not self._env.get(name, "").strip():
+            return None
+        return self.url(name, schemes)
 
     def optional_secret(self, name: str, *, min_length: int) -> str | None:
         raw = self._env.get(name)

@@ -10,12 +10,14 @@ from shared.bus.retention import add_stream_retention
 from shared.config import Settings
 from shared.identity.api_keys import API_KEYS, ApiKeyAuthenticator, install_auth_throttle
 from shared.identity.revocation import install_revocation_feed
+from shared.tracing import configure as configure_tracing
 from shared.web.http import base_app
 
 
 def service_app(settings: Settings, *, name: str) -> web.Application:
     """Base HTTP app (probes, metrics, errors, pools) plus the outbox and, unless disabled,
     the outbox relay and the events stream's retention. Builds objects only; every connection opens at start-up."""
+    configure_tracing(settings, service_name=name)  # once per process, before any Application
     app = base_app(settings, name=name)
     app[OUTBOX] = Outbox(settings.events_stream)
     app[API_KEYS] = ApiKeyAuthenticator()

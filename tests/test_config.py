@@ -48,8 +48,11 @@ def test_values_are_parsed_and_typed() -> None:
             "LOG_LEVEL": "debug",
             "REDIS_SOCKET_TIMEOUT": "1.5",
             "STREAM_RETENTION_SECONDS": "600",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector:4318",
         }
     )
+    assert settings.otel_exporter_otlp_endpoint == "http://otel-collector:4318"
+    assert settings.otel_service_name is None  # tracing names the service itself
     assert (settings.port, settings.relay_enabled, settings.log_level) == (9000, False, "DEBUG")
     assert (settings.redis_socket_timeout, settings.stream_retention_seconds) == (1.5, 600.0)
     assert settings.key_encryption_key == b"k" * 32
@@ -70,6 +73,8 @@ def test_values_are_parsed_and_typed() -> None:
         ({"ADMIN_TOKEN": "short"}, "ADMIN_TOKEN: too short"),
         ({"KEY_ENCRYPTION_KEY": "!!!"}, "KEY_ENCRYPTION_KEY"),
         ({"DB_POOL_MIN": "20", "DB_POOL_MAX": "5"}, "DB_POOL_MIN: must not exceed DB_POOL_MAX"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT: scheme"),
+        ({"OTEL_SERVICE_NAME": "   "}, "OTEL_SERVICE_NAME: '   ' is out of range"),
     ],
 )
 def test_a_bad_variable_is_named_in_one_line(env: dict[str, str], names: str) -> None:

@@ -30,6 +30,7 @@ from shared.bus.messages import Message, Outcome
 from shared.config import Settings
 from shared.observability import EVENT_LAG, EVENTS_CONSUMED
 from shared.redis import TRANSIENT_REDIS_ERRORS
+from shared.tracing import handling
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class Applier:
                 if event is None:
                     outcome = Outcome.SKIPPED
                 else:
-                    await db.in_transaction(self.pool, lambda conn: self._apply(event, conn))
+                    with handling(self.group, [event]):
+                        await db.in_transaction(self.pool, lambda conn: self._apply(event, conn))
                     self._observe_lag([event])
                     outcome = Outcome.APPLIED
             except (*db.TRANSIENT_DB_ERRORS, *TRANSIENT_REDIS_ERRORS):
@@ -135,9 +137,10 @@ class Applier:
         many = self._batch_handlers[type_name]
         async with self._semaphore:
             try:
-                await db.in_transaction(
-                    self.pool, lambda conn: self._apply_many(many, events, conn)
-                )
+                with handling(self.group, events):
+                    await db.in_transaction(
+                        self.pool, lambda conn: self._apply_many(many, events, conn)
+                    )
             except (*db.TRANSIENT_DB_ERRORS, *TRANSIENT_REDIS_ERRORS):
                 # Infrastructure, not the messages: never dead-letter for this.
                 self._count(Outcome.RETRY, len(items))

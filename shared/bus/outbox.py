@@ -21,7 +21,7 @@ import msgspec
 from aiohttp import web
 
 from shared.bus.events import Event
-from shared.observability import traceparent_var
+from shared.tracing import current_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class Outbox:
             subject=subject,
             seq=seq,
             occurred_at=datetime.now(UTC),
-            traceparent=traceparent_var.get(),
+            traceparent=current_traceparent(),
             data=data,
         )
         payload = msgspec.json.encode(event, enc_hook=placeholder)

@@ -39,6 +39,7 @@ from shared.config import SETTINGS, Settings
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
 from shared.observability import EVENTS_PUBLISHED, EVENTS_REDRIVEN, OUTBOX_BACKLOG
 from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS
+from shared.tracing import publishing
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,8 @@ class OutboxRelay:
             highest = {row["stream"]: row["id"] for row in rows}  # rows come in id order
             for stream, outbox_id in highest.items():
                 pipe.set(mark_key(stream), outbox_id)
-            replies = await pipe.execute()
+            with publishing([(row["stream"], row["payload"]) for row in rows]):
+                replies = await pipe.execute()
             for stream, mark in zip(streams, replies[: len(streams)], strict=True):
                 self._check_mark(stream, mark)
             ids = replies[len(streams) : len(streams) + len(rows)]
