@@ -20,9 +20,9 @@ from shared.config import SETTINGS, Settings
 from shared.identity.contact_tokens import install_verifier
 from shared.identity.org_policy import install_policies
 from shared.identity.widget_tokens import install_widget_tokens
-from shared.redis import REDIS
+from shared.redis import REDIS, REDIS_BREAKER
 from shared.service import service_app
-from shared.web.ratelimit import RateLimiter
+from shared.web.ratelimit import RATE_LIMITER
 
 NAME = "session-resolution"
 
@@ -43,8 +43,8 @@ def setup_routes(app: web.Application) -> None:
     async def redis_backed(app: web.Application) -> AsyncIterator[None]:
         # Runs after the base app's Redis context opened the client.
         prefix = app[SETTINGS].stream_prefix
-        app[SESSION_CACHE] = SessionCache(app[REDIS], prefix)
-        app[SESSION_LIMITER] = RateLimiter(app[REDIS], prefix)
+        app[SESSION_CACHE] = SessionCache(app[REDIS], prefix, app[REDIS_BREAKER])
+        app[SESSION_LIMITER] = app[RATE_LIMITER]
         yield
 
     app.cleanup_ctx.append(redis_backed)
