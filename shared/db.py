@@ -119,25 +119,45 @@ def _pool_server_settings(settings: Settings) -> dict[str, str]:
     }
 
 
-# Bulkheads. Who is using the pool: a request of some kind ("widget", "api", "admin", set by
-# shared.web.deadlines) or the process's own workers ("background": consumers, retention).
+# Bulkheads. Who is using the pool: a request of some kind (set by shared.web.http from the
+# path, refined by a handler with ``use_bulkhead``) or the process's own workers.
 ROUTE_KIND: ContextVar[str] = ContextVar("route_kind", default="background")
 
 
+def use_bulkhead(kind: str) -> None:
+    """From here on, this request's connections come out of ``kind``'s share of the pool: a
+    handler that learns from the body what it will touch says so before touching it."""
+    ROUTE_KIND.set(kind)
+
+
 def bulkhead_caps(pool_max: int) -> dict[str, int]:
-    """How many of the pool's connections each kind may hold at once.
+    """How many of the pool's connections each kind of caller may hold at once.
+
+    Kinds: ``widget`` (browser endpoints), ``identity`` (whatever verifies or writes a
+    contact: verified logins, authenticate-user), ``api`` (customer backends and platform
+    services), ``admin`` (the operator), ``background`` (this process's workers).
 
     Why semaphores in front of one pool rather than a pool per kind: the connection budget
     (sum over replicas of DB_POOL_MAX, README "Scale-out") stays what it is, and an idle
-    kind's connections serve the others. Why caps: a hot lock (a table locked for a
-    migration, a long erasure) parks every request that needs it on a connection for up to
-    DB_LOCK_TIMEOUT; uncapped, one kind's parked requests took the whole pool and every other
-    endpoint queued behind them. Capped, whatever one kind does, a quarter of the pool stays
-    for the others (admin, rare and operator-driven, gets that quarter at most).
+    kind's connections serve the others. Why these caps: a hot lock parks every request
+    that needs the locked table on a connection for up to DB_LOCK_TIMEOUT. Uncapped, the
+    parked requests took the whole pool and every endpoint queued behind them; split by path
+    alone (widget vs API) it was no better, since verified logins and anonymous sessions share
+    a path. ``contacts`` is the table every identity path shares and the one its own
+    operations lock hardest (erasure, revocation, merges of contacts), so identity work gets
+    its own bulkhead of half the pool: parked there, it leaves the other half to anonymous
+    sessions, history and the workers. Any other kind may take three quarters, so whatever
+    it does, a quarter is left for the rest (admin, rare and operator-driven, a quarter).
     """
-    reserve = max(1, pool_max // 4)
-    share = max(1, pool_max - reserve)
-    return {"widget": share, "api": share, "background": share, "admin": reserve}
+    quarter = max(1, pool_max // 4)
+    most = max(1, pool_max - quarter)
+    return {
+        "widget": most,
+        "api": most,
+        "background": most,
+        "identity": max(1, pool_max // 2),
+        "admin": quarter,
+    }
 
 
 class _Acquire:

@@ -168,11 +168,14 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
 
 
 def route_kind(path: str) -> str:
-    """Which budget and which database bulkhead a request gets: ``widget`` (the browser's
-    endpoints), ``admin`` (the operator's), ``api`` (customer backends and platform services,
-    authenticate-user included, and the probes)."""
+    """Which budget and which database bulkhead (``shared.db.bulkhead_caps``) a request gets:
+    ``widget`` (the browser's endpoints; a verified login then moves to ``identity``),
+    ``identity`` (authenticate-user), ``admin`` (the operator's), ``api`` (everything else:
+    customer backends, platform services, probes)."""
     if path.startswith("/widget/sessions"):
         return "widget"
+    if path == "/widget/authenticate-user":
+        return "identity"
     if path.startswith("/admin/"):
         return "admin"
     return "api"
