@@ -256,7 +256,10 @@ async def name_the_server(request: web.Request, response: web.StreamResponse) ->
     is about to close under it."""
     response.headers["Server"] = SERVER_NAME
     if request.app[READINESS].draining:
+        # The hook runs after aiohttp wrote its Connection header from keep_alive: set both,
+        # the header for the client, force_close for our side to close after this answer.
         response.force_close()
+        response.headers["Connection"] = "close"
 
 
 class ProbeOut(msgspec.Struct, kw_only=True):
