@@ -92,6 +92,8 @@ def _cmd_dev(args: argparse.Namespace) -> None:
         _dev_secret(data_dir / "key-encryption-key", secrets.token_urlsafe(32)),
     )
     env.setdefault("LOG_JSON", "false")
+    # Long enough to see /readyz answer 503 on Ctrl-C, short enough to stay snappy.
+    env.setdefault("DRAIN_DELAY", "1")
     external = bool(env.get("DATABASE_URL")) and bool(env.get("REDIS_URL"))
     if bool(env.get("DATABASE_URL")) != bool(env.get("REDIS_URL")):
         raise ConfigError(

@@ -48,8 +48,13 @@ def test_values_are_parsed_and_typed() -> None:
             "LOG_LEVEL": "debug",
             "REDIS_SOCKET_TIMEOUT": "1.5",
             "STREAM_RETENTION_SECONDS": "600",
+            "WIDGET_REQUEST_TIMEOUT": "3",
+            "DB_LOCK_TIMEOUT": "0.25",
+            "DRAIN_DELAY": "2",
         }
     )
+    assert (settings.widget_request_timeout, settings.db_lock_timeout) == (3.0, 0.25)
+    assert settings.drain_delay == 2.0
     assert (settings.port, settings.relay_enabled, settings.log_level) == (9000, False, "DEBUG")
     assert (settings.redis_socket_timeout, settings.stream_retention_seconds) == (1.5, 600.0)
     assert settings.key_encryption_key == b"k" * 32
@@ -70,6 +75,10 @@ def test_values_are_parsed_and_typed() -> None:
         ({"ADMIN_TOKEN": "short"}, "ADMIN_TOKEN: too short"),
         ({"KEY_ENCRYPTION_KEY": "!!!"}, "KEY_ENCRYPTION_KEY"),
         ({"DB_POOL_MIN": "20", "DB_POOL_MAX": "5"}, "DB_POOL_MIN: must not exceed DB_POOL_MAX"),
+        ({"REQUEST_TIMEOUT": "0"}, "REQUEST_TIMEOUT"),
+        ({"DB_ACQUIRE_TIMEOUT": "-1"}, "DB_ACQUIRE_TIMEOUT"),
+        # The drain delay is spent out of the shutdown budget, so it must leave some.
+        ({"DRAIN_DELAY": "30"}, "DRAIN_DELAY: must be below SHUTDOWN_TIMEOUT"),
     ],
 )
 def test_a_bad_variable_is_named_in_one_line(env: dict[str, str], names: str) -> None:
