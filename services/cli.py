@@ -114,6 +114,8 @@ def _cmd_dev(args: argparse.Namespace) -> None:
     # The admin token above is printed and kept in a file: other machines get no way in.
     env.setdefault("HOST", "127.0.0.1")
     env.setdefault("PLAYGROUND", "true")  # try the widget options live, see README
+    # Long enough to see /readyz answer 503 on Ctrl-C, short enough to stay snappy.
+    env.setdefault("DRAIN_DELAY", "1")
     external = bool(env.get("DATABASE_URL")) and bool(env.get("REDIS_URL"))
     if bool(env.get("DATABASE_URL")) != bool(env.get("REDIS_URL")):
         raise ConfigError(

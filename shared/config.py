@@ -50,12 +50,25 @@ class Settings:
     stream_prefix: str = "wi:"
     log_level: str = "INFO"
     log_json: bool = True
-    # SIGTERM: readiness turns 503 at once; in-flight work gets this long to finish.
+    # SIGTERM: readiness turns 503 at once; the drain delay, in-flight requests and the
+    # workers all fit in shutdown_timeout, after which the process exits regardless.
     shutdown_timeout: float = 25.0
+    # 0 here, because only a deployment knows how long its load balancer takes to notice an
+    # unready pod (a consumer process or a test has none): the manifests and `make run` set it.
     drain_delay: float = 0.0
+    # Time budgets per request kind (shared.web.deadlines): the browser waits on the widget.
+    widget_request_timeout: float = 5.0
+    request_timeout: float = 10.0
+    admin_request_timeout: float = 30.0
     db_pool_min: int = 1
     db_pool_max: int = 10
     db_command_timeout: float = 10.0
+    # The longest a request waits for a pooled connection (its kind's bulkhead included).
+    db_acquire_timeout: float = 2.0
+    # Postgres server settings on the pool's connections: a statement blocked on a lock gives
+    # up (and its connection) after db_lock_timeout; any statement after db_statement_timeout.
+    db_lock_timeout: float = 0.5
+    db_statement_timeout: float = 8.0
     redis_socket_timeout: float = 5.0
     redis_max_connections: int = 64
     relay_enabled: bool = True
@@ -128,8 +141,16 @@ class Settings:
             log_json=reader.get("LOG_JSON", _boolean, True),
             shutdown_timeout=reader.get("SHUTDOWN_TIMEOUT", float, 25.0, check=_positive),
             drain_delay=reader.get("DRAIN_DELAY", float, 0.0, check=lambda v: v >= 0),
+            widget_request_timeout=reader.get(
+                "WIDGET_REQUEST_TIMEOUT", float, 5.0, check=_positive
+            ),
+            request_timeout=reader.get("REQUEST_TIMEOUT", float, 10.0, check=_positive),
+            admin_request_timeout=reader.get("ADMIN_REQUEST_TIMEOUT", float, 30.0, check=_positive),
             db_pool_min=reader.get("DB_POOL_MIN", int, 1, check=lambda v: v >= 0),
             db_pool_max=reader.get("DB_POOL_MAX", int, 10, check=_positive),
+            db_acquire_timeout=reader.get("DB_ACQUIRE_TIMEOUT", float, 2.0, check=_positive),
+            db_lock_timeout=reader.get("DB_LOCK_TIMEOUT", float, 0.5, check=_positive),
+            db_statement_timeout=reader.get("DB_STATEMENT_TIMEOUT", float, 8.0, check=_positive),
             redis_socket_timeout=reader.get("REDIS_SOCKET_TIMEOUT", float, 5.0, check=_positive),
             redis_max_connections=reader.get("REDIS_MAX_CONNECTIONS", int, 64, check=_positive),
             relay_enabled=reader.get("RELAY_ENABLED", _boolean, True),
@@ -173,6 +194,9 @@ class Settings:
         )
         if settings.db_pool_min > settings.db_pool_max:
             raise ConfigError("DB_POOL_MIN: must not exceed DB_POOL_MAX")
+        if settings.drain_delay >= settings.shutdown_timeout:
+            # The drain delay is spent out of the shutdown budget: nothing would be left.
+            raise ConfigError("DRAIN_DELAY: must be below SHUTDOWN_TIMEOUT")
         return settings
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from contextvars import ContextVar
+from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -14,11 +16,13 @@ from aiohttp import web
 
 from shared.config import Settings
 from shared.errors import ConfigError
+from shared.lifecycle import shutdown_of
 
 Pool = asyncpg.Pool
 Connection = asyncpg.Connection
 
 DB_POOL: web.AppKey[asyncpg.Pool] = web.AppKey("db_pool", asyncpg.Pool)
+
 
 # Errors that mean "the database is not reachable right now", as opposed to a bug or bad
 # data: these become 503 db_unavailable with Retry-After, and consumers retry them. Connection
@@ -27,11 +31,18 @@ DB_POOL: web.AppKey[asyncpg.Pool] = web.AppKey("db_pool", asyncpg.Pool)
 # the middle of an operation, as the client-side state it leaves behind: asyncpg's
 # InterfaceError ("connection is closed", "another operation is in progress") and
 # InternalClientError ("cannot switch to state ...; another operation is in progress").
+class DatabaseBusy(asyncio.TimeoutError):
+    """No pooled connection came free within DB_ACQUIRE_TIMEOUT for this request's kind."""
+
+
 TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # reset, broken pipe, refused, a Unix socket gone during a restart
-    asyncio.TimeoutError,  # command_timeout, a pool acquire that waited too long
+    asyncio.TimeoutError,  # command_timeout, DatabaseBusy
     asyncpg.exceptions.PostgresConnectionError,  # 08xxx: connection does not exist, failed...
-    asyncpg.exceptions.OperatorInterventionError,  # 57xxx: admin/crash shutdown, starting up
+    # 57xxx: admin/crash shutdown, starting up; and 57014, statement_timeout
+    asyncpg.exceptions.OperatorInterventionError,
+    # 55P03, lock_timeout: someone holds a lock we need; retrying later will get it.
+    asyncpg.exceptions.LockNotAvailableError,
     asyncpg.exceptions.InsufficientResourcesError,  # 53xxx: too many connections, no memory
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.InternalClientError,
@@ -46,6 +57,19 @@ DB_PROGRAMMING_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ClientConfigurationError,
     asyncpg.exceptions.UnsupportedClientFeatureError,
 )
+
+
+# The transient errors that mean "busy", not "down": a lock or statement timeout, a full
+# bulkhead. They get their own code (503 db_busy) so an operator can tell the two apart.
+DB_BUSY_ERRORS: tuple[type[BaseException], ...] = (
+    DatabaseBusy,
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.QueryCanceledError,
+)
+
+
+def is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, DB_BUSY_ERRORS)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -85,24 +109,157 @@ async def _no_session_state(conn: asyncpg.Connection) -> None:
 _SERVER_SETTINGS = {"timezone": "UTC"}
 
 
+def _pool_server_settings(settings: Settings) -> dict[str, str]:
+    """Only the pool's connections get the lock and statement timeouts: the dedicated ones
+    (migrations, the relay's advisory lock, LISTEN) may rightly wait or run long."""
+    return {
+        **_SERVER_SETTINGS,
+        "lock_timeout": f"{int(settings.db_lock_timeout * 1000)}ms",
+        "statement_timeout": f"{int(settings.db_statement_timeout * 1000)}ms",
+    }
+
+
+# Bulkheads. Who is using the pool: a request of some kind (set by shared.web.http from the
+# path, refined by a handler with ``use_bulkhead``) or the process's own workers.
+ROUTE_KIND: ContextVar[str] = ContextVar("route_kind", default="background")
+
+
+def use_bulkhead(kind: str) -> None:
+    """From here on, this request's connections come out of ``kind``'s share of the pool: a
+    handler that learns from the body what it will touch says so before touching it."""
+    ROUTE_KIND.set(kind)
+
+
+def bulkhead_caps(pool_max: int) -> dict[str, int]:
+    """How many of the pool's connections each kind of caller may hold at once.
+
+    Kinds: ``widget`` (browser endpoints), ``identity`` (whatever verifies or writes a
+    contact: verified logins, authenticate-user), ``api`` (customer backends and platform
+    services), ``admin`` (the operator), ``background`` (this process's workers).
+
+    Why semaphores in front of one pool rather than a pool per kind: the connection budget
+    (sum over replicas of DB_POOL_MAX, README "Scale-out") stays what it is, and an idle
+    kind's connections serve the others. Why these caps: a hot lock parks every request
+    that needs the locked table on a connection for up to DB_LOCK_TIMEOUT. Uncapped, the
+    parked requests took the whole pool and every endpoint queued behind them; split by path
+    alone (widget vs API) it was no better, since verified logins and anonymous sessions share
+    a path. ``contacts`` is the table every identity path shares and the one its own
+    operations lock hardest (erasure, revocation, merges of contacts), so identity work gets
+    its own bulkhead of half the pool: parked there, it leaves the other half to anonymous
+    sessions, history and the workers. Any other kind may take three quarters, so whatever
+    it does, a quarter is left for the rest (admin, rare and operator-driven, a quarter).
+    """
+    quarter = max(1, pool_max // 4)
+    most = max(1, pool_max - quarter)
+    return {
+        "widget": most,
+        "api": most,
+        "background": most,
+        "identity": max(1, pool_max // 2),
+        "admin": quarter,
+    }
+
+
+class _Acquire:
+    """``pool.acquire()`` through the caller's bulkhead, awaitable or ``async with``."""
+
+    __slots__ = ("_conn", "_pool", "_timeout")
+
+    def __init__(self, pool: GuardedPool, timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._conn: Any = None
+
+    async def _get(self) -> Any:
+        pool = self._pool
+        kind = ROUTE_KIND.get()
+        slots = pool.bulkheads.get(kind) or pool.bulkheads["background"]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                await slots.acquire()
+        except TimeoutError:
+            raise DatabaseBusy(f"no {kind} database slot within {self._timeout} s") from None
+        try:
+            conn = await asyncpg.Pool.acquire(pool, timeout=max(0.001, deadline - loop.time()))
+        except TimeoutError:
+            slots.release()
+            raise DatabaseBusy(f"no database connection within {self._timeout} s") from None
+        except BaseException:
+            slots.release()
+            raise
+        pool.held[conn] = slots
+        return conn
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._get().__await__()
+
+    async def __aenter__(self) -> Any:
+        self._conn = await self._get()
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        await self._pool.release(conn)
+
+
+class GuardedPool(asyncpg.Pool):  # type: ignore[misc]
+    """An asyncpg pool whose every acquire waits at most DB_ACQUIRE_TIMEOUT (asyncpg waits
+    forever by default) and goes through the caller's bulkhead (``bulkhead_caps``)."""
+
+    __slots__ = ("acquire_timeout", "bulkheads", "held")
+
+    def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.acquire_timeout = acquire_timeout
+        self.bulkheads = {
+            kind: asyncio.Semaphore(n) for kind, n in bulkhead_caps(kwargs["max_size"]).items()
+        }
+        self.held: dict[Any, asyncio.Semaphore] = {}
+
+    def acquire(self, *, timeout: float | None = None) -> _Acquire:
+        return _Acquire(self, self.acquire_timeout if timeout is None else timeout)
+
+    async def release(self, connection: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109 - asyncpg's signature
+        try:
+            await super().release(connection, timeout=timeout)
+        finally:
+            slots = self.held.pop(connection, None)
+            if slots is not None:
+                slots.release()
+
+
 async def create_pool(settings: Settings, *, min_size: int | None = None) -> asyncpg.Pool:
     try:
-        pool = await asyncpg.create_pool(
+        # asyncpg.create_pool's own body, with our pool class (it takes no pool_class).
+        pool = GuardedPool(
             settings.database_url,
+            acquire_timeout=settings.db_acquire_timeout,
+            connection_class=asyncpg.Connection,
+            record_class=asyncpg.Record,
             min_size=settings.db_pool_min if min_size is None else min_size,
             max_size=settings.db_pool_max,
+            max_queries=50000,
+            max_inactive_connection_lifetime=300.0,
+            loop=None,
             command_timeout=settings.db_command_timeout,
             init=_init_connection,
             reset=_no_session_state,
-            server_settings=_SERVER_SETTINGS,
+            server_settings=_pool_server_settings(settings),
             # A dead server must not hang start-up or a request forever.
             timeout=10,
         )
+        await pool
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise ConfigError(f"DATABASE_URL: cannot connect ({type(exc).__name__}: {exc})") from None
     except ValueError as exc:  # asyncpg's DSN parser
         raise ConfigError(f"DATABASE_URL: malformed ({exc})") from None
-    assert pool is not None
     return pool
 
 
@@ -127,9 +284,11 @@ def pool_context(settings: Settings) -> Any:
         pool = await create_pool(settings)
         app[DB_POOL] = pool
         yield
-        # Give borrowers a bounded time to return connections, then cut them off.
+        # Give borrowers what is left of the shutdown budget to return connections, then cut
+        # them off.
         try:
-            await asyncio.wait_for(pool.close(), timeout=settings.shutdown_timeout)
+            left = shutdown_of(app).left(settings.shutdown_timeout)
+            await asyncio.wait_for(pool.close(), timeout=max(0.1, left))
         except TimeoutError:
             pool.terminate()
 

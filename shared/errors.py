@@ -97,3 +97,13 @@ def unavailable(code: str, detail: str, *, retry_after: int = 1) -> Problem:
 
 def db_unavailable() -> Problem:
     return unavailable("db_unavailable", "the database is unavailable")
+
+
+def db_busy() -> Problem:
+    # A lock or statement timeout, or no pooled connection free in time: the database is up,
+    # this request could not get its turn.
+    return unavailable("db_busy", "the database is busy; retry shortly")
+
+
+def deadline_exceeded(budget: float) -> Problem:
+    return unavailable("deadline_exceeded", f"the request did not finish within {budget:g} s")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -14,6 +16,10 @@ from redis.backoff import NoBackoff
 
 from shared.config import Settings
 from shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Redis = aioredis.Redis
 
@@ -29,6 +35,57 @@ TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
+
+
+class RedisSkipped(redis.exceptions.ConnectionError):
+    """Not sent: Redis failed moments ago (``RedisBreaker``). A transient Redis error like any
+    other, so whoever cannot do without Redis answers 503 redis_unavailable, at once."""
+
+
+class RedisBreaker:
+    """A circuit breaker for the request path's Redis calls, one per process.
+
+    Each call gets ``timeout`` seconds (a request must not wait a full socket timeout, per
+    call, for something it can do without). A failed or late call opens the breaker: for
+    ``cooldown`` seconds every call fails at once with ``RedisSkipped``; the first call after
+    that tries Redis again. Callers decide what a failure means: the session cache reads
+    Postgres instead, rate limits count in this process, burying a session fails (503).
+    """
+
+    def __init__(self, *, timeout: float, cooldown: float = 2.0) -> None:
+        self.timeout = timeout
+        self.cooldown = cooldown
+        self._open_until = 0.0
+        self.trips = 0
+
+    @property
+    def open(self) -> bool:
+        return time.monotonic() < self._open_until
+
+    async def call(self, operation: Callable[[], Awaitable[T]], *, short: bool = True) -> T:
+        """``operation()``, within ``timeout`` unless not ``short`` (a call the request cannot
+        do without gets the socket timeout: giving up early would only fail it sooner)."""
+        if self.open:
+            raise RedisSkipped("redis failed moments ago; not calling it for a while")
+        try:
+            async with asyncio.timeout(self.timeout if short else None):
+                return await operation()
+        except TRANSIENT_REDIS_ERRORS as exc:
+            if not self.open:
+                self.trips += 1
+                log.warning(
+                    "redis unreachable; degrading for a while",
+                    extra={"error": repr(exc), "seconds": self.cooldown},
+                )
+            self._open_until = time.monotonic() + self.cooldown
+            raise
+
+
+# The request path's per-call budget: a cache hit or a rate-limit count takes ~1 ms; a call
+# still unanswered after this means Redis is in trouble, and Postgres can answer instead.
+REQUEST_CALL_TIMEOUT = 0.25
+
+REDIS_BREAKER: web.AppKey[RedisBreaker] = web.AppKey("redis_breaker", RedisBreaker)
 
 
 def create_redis(
@@ -91,6 +148,9 @@ def redis_context(settings: Settings) -> Callable[[web.Application], AsyncIterat
         client = create_redis(settings, retry_once=True)
         await check_reachable(client)
         app[REDIS] = client
+        app[REDIS_BREAKER] = RedisBreaker(
+            timeout=min(REQUEST_CALL_TIMEOUT, settings.redis_socket_timeout)
+        )
         app[WORKER_REDIS] = create_redis(settings)
         yield
         await client.aclose()

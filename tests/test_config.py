@@ -49,10 +49,15 @@ def test_values_are_parsed_and_typed() -> None:
             "REDIS_SOCKET_TIMEOUT": "1.5",
             "STREAM_RETENTION_SECONDS": "600",
             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector:4318",
+            "WIDGET_REQUEST_TIMEOUT": "3",
+            "DB_LOCK_TIMEOUT": "0.25",
+            "DRAIN_DELAY": "2",
         }
     )
     assert settings.otel_exporter_otlp_endpoint == "http://otel-collector:4318"
     assert settings.otel_service_name is None  # tracing names the service itself
+    assert (settings.widget_request_timeout, settings.db_lock_timeout) == (3.0, 0.25)
+    assert settings.drain_delay == 2.0
     assert (settings.port, settings.relay_enabled, settings.log_level) == (9000, False, "DEBUG")
     assert (settings.redis_socket_timeout, settings.stream_retention_seconds) == (1.5, 600.0)
     assert settings.key_encryption_key == b"k" * 32
@@ -75,6 +80,10 @@ def test_values_are_parsed_and_typed() -> None:
         ({"DB_POOL_MIN": "20", "DB_POOL_MAX": "5"}, "DB_POOL_MIN: must not exceed DB_POOL_MAX"),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT: scheme"),
         ({"OTEL_SERVICE_NAME": "   "}, "OTEL_SERVICE_NAME: '   ' is out of range"),
+        ({"REQUEST_TIMEOUT": "0"}, "REQUEST_TIMEOUT"),
+        ({"DB_ACQUIRE_TIMEOUT": "-1"}, "DB_ACQUIRE_TIMEOUT"),
+        # The drain delay is spent out of the shutdown budget, so it must leave some.
+        ({"DRAIN_DELAY": "30"}, "DRAIN_DELAY: must be below SHUTDOWN_TIMEOUT"),
     ],
 )
 def test_a_bad_variable_is_named_in_one_line(env: dict[str, str], names: str) -> None:

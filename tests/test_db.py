@@ -220,3 +220,56 @@ def test_connection_loss_in_any_form_is_transient(exc: BaseException) -> None:
 )
 def test_a_bug_is_not_transient(exc: BaseException) -> None:
     assert not is_transient(exc)
+
+
+async def test_lock_and_statement_timeouts_free_the_connection_as_transient_busy_errors(
+    settings: Settings,
+) -> None:
+    """A pool connection waits at most DB_LOCK_TIMEOUT for a lock and runs a statement at
+    most DB_STATEMENT_TIMEOUT; both failures are transient (503 db_busy, consumers retry),
+    and the pool's connections keep working afterwards."""
+    from shared.db import is_busy
+
+    pool = await create_pool(
+        settings.with_overrides(db_lock_timeout=0.2, db_statement_timeout=0.5, db_pool_max=2)
+    )
+    holder = await asyncpg.connect(settings.database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE orgs IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(asyncpg.exceptions.LockNotAvailableError) as locked:
+                await pool.fetchval("SELECT count(*) FROM orgs")
+        with pytest.raises(asyncpg.exceptions.QueryCanceledError) as slow:
+            await pool.execute("SELECT pg_sleep(2)")
+        for caught in (locked.value, slow.value):
+            assert is_transient(caught) and is_busy(caught)
+        assert await pool.fetchval("SELECT count(*) FROM orgs") == 0
+    finally:
+        await holder.close()
+        await pool.close()
+
+
+async def test_a_full_bulkhead_is_a_transient_busy_error_for_its_kind_only(
+    settings: Settings,
+) -> None:
+    """A kind of caller holding its whole share waits at most DB_ACQUIRE_TIMEOUT for more,
+    then gets DatabaseBusy; another kind still gets a connection at once."""
+    from shared.db import ROUTE_KIND, DatabaseBusy, bulkhead_caps, is_busy
+
+    pool = await create_pool(settings.with_overrides(db_pool_max=4, db_acquire_timeout=0.3))
+    share = bulkhead_caps(4)["identity"]
+    try:
+        token = ROUTE_KIND.set("identity")
+        held = [await pool.acquire() for _ in range(share)]
+        with pytest.raises(DatabaseBusy) as full:
+            await pool.acquire()
+        assert is_transient(full.value) and is_busy(full.value)
+        ROUTE_KIND.reset(token)
+        assert await pool.fetchval("SELECT 1") == 1  # another kind (background)
+        for conn in held:
+            await pool.release(conn)
+        token = ROUTE_KIND.set("identity")
+        assert await pool.fetchval("SELECT 1") == 1  # the share is back
+        ROUTE_KIND.reset(token)
+    finally:
+        await pool.close()

@@ -24,9 +24,9 @@ from shared.config import SETTINGS, Settings
 from shared.identity.contact_tokens import install_verifier
 from shared.identity.org_policy import install_policies
 from shared.identity.widget_tokens import install_widget_tokens
-from shared.redis import REDIS, WORKER_REDIS
+from shared.redis import REDIS, REDIS_BREAKER, WORKER_REDIS, RedisBreaker
 from shared.service import service_app
-from shared.web.ratelimit import RateLimiter
+from shared.web.ratelimit import RATE_LIMITER
 
 NAME = "session-resolution"
 
@@ -47,8 +47,8 @@ def setup_routes(app: web.Application) -> None:
     async def redis_backed(app: web.Application) -> AsyncIterator[None]:
         # Runs after the base app's Redis context opened the client.
         prefix = app[SETTINGS].stream_prefix
-        app[SESSION_CACHE] = SessionCache(app[REDIS], prefix)
-        app[SESSION_LIMITER] = RateLimiter(app[REDIS], prefix)
+        app[SESSION_CACHE] = SessionCache(app[REDIS], prefix, app[REDIS_BREAKER])
+        app[SESSION_LIMITER] = app[RATE_LIMITER]
         yield
 
     app.cleanup_ctx.append(redis_backed)
@@ -63,7 +63,11 @@ def setup_consumers(app: web.Application) -> None:
 
     def handlers(outbox: Outbox) -> Mapping[type[Event], Handler]:
         # Called at start-up, once the app's Redis clients (and any test config) are in place.
-        cache = SessionCache(app[WORKER_REDIS], app[SETTINGS].stream_prefix)
+        settings = app[SETTINGS]
+        # The consumer must really write (it is retried until Redis answers), so its cache
+        # gets a breaker that never skips a call and waits the full socket timeout.
+        breaker = RedisBreaker(timeout=settings.redis_socket_timeout, cooldown=0.0)
+        cache = SessionCache(app[WORKER_REDIS], settings.stream_prefix, breaker)
         return consumers.handlers(outbox, cache, app.get(SESSION_CONFIG) or SessionConfig())
 
     add_consumer(app, group=consumers.GROUP, handlers=handlers)

@@ -12,18 +12,25 @@ an older Postgres read: logout and device revocation *bury* keys (write a tombst
 their transaction commits, and every fill is a conditional write that leaves a tombstone in
 place (one Lua script). A buried visitor token therefore reads as "unknown" and gets a new
 visitor; a buried session token reads as ended.
+
+While Redis is unreachable (``RedisBreaker``: a short per-call timeout, then no calls for a
+few seconds) reads are misses and fills are skipped, so requests answer from Postgres without
+waiting on Redis. Burying is the exception: a tombstone that could not be written would let
+a cached session outlive its logout once Redis is back, so ``bury`` fails (and with it the
+logout's transaction, as 503 redis_unavailable).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import redis.asyncio as aioredis
 
-from shared.redis import TRANSIENT_REDIS_ERRORS
+from shared.redis import TRANSIENT_REDIS_ERRORS, RedisBreaker
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +89,24 @@ _encoder = msgspec.msgpack.Encoder()
 
 
 class SessionCache:
-    def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str, breaker: RedisBreaker) -> None:
         self._redis = redis
+        self._breaker = breaker
         self._prefix = f"{prefix}sr:"
-        self._fill = redis.register_script(_FILL)
+        self._fill_script = redis.register_script(_FILL)
+
+    async def _get(self, key: str) -> Any:
+        """The raw value, or None when Redis cannot say (a miss: Postgres answers)."""
+        try:
+            return await self._breaker.call(lambda: self._redis.get(key))
+        except TRANSIENT_REDIS_ERRORS:
+            return None
+
+    async def _fill(self, key: str, value: bytes, ttl_seconds: float) -> None:
+        """Best effort: Postgres has it already; a skipped fill only costs a later read."""
+        args: list[bytes | int] = [value, max(1, int(ttl_seconds * 1000)), TOMBSTONE]
+        with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
+            await self._breaker.call(lambda: self._fill_script(keys=[key], args=args))
 
     def _visitor_key(self, visitor_token_hash: bytes) -> str:
         return f"{self._prefix}v:{visitor_token_hash.hex()}"
@@ -94,7 +115,7 @@ class SessionCache:
         return f"{self._prefix}s:{session_token_hash.hex()}"
 
     async def visitor(self, visitor_token_hash: bytes) -> VisitorState | Buried | None:
-        raw = await self._redis.get(self._visitor_key(visitor_token_hash))
+        raw = await self._get(self._visitor_key(visitor_token_hash))
         if not isinstance(raw, bytes):
             return None
         if raw == TOMBSTONE:
@@ -107,13 +128,10 @@ class SessionCache:
     async def put_visitor(
         self, visitor_token_hash: bytes, state: VisitorState, ttl_seconds: float
     ) -> None:
-        await self._fill(
-            keys=[self._visitor_key(visitor_token_hash)],
-            args=[_encoder.encode(state), max(1, int(ttl_seconds * 1000)), TOMBSTONE],
-        )
+        await self._fill(self._visitor_key(visitor_token_hash), _encoder.encode(state), ttl_seconds)
 
     async def session(self, session_token_hash: bytes) -> SessionRecord | Buried | None:
-        raw = await self._redis.get(self._session_key(session_token_hash))
+        raw = await self._get(self._session_key(session_token_hash))
         if not isinstance(raw, bytes):
             return None
         if raw == TOMBSTONE:
@@ -127,8 +145,7 @@ class SessionCache:
         self, session_token_hash: bytes, record: SessionRecord, ttl_seconds: float
     ) -> None:
         await self._fill(
-            keys=[self._session_key(session_token_hash)],
-            args=[_encoder.encode(record), max(1, int(ttl_seconds * 1000)), TOMBSTONE],
+            self._session_key(session_token_hash), _encoder.encode(record), ttl_seconds
         )
 
     async def bury(
@@ -138,7 +155,8 @@ class SessionCache:
         session_token_hashes: list[tuple[bytes, float]],
         visitor_ttl_seconds: float,
     ) -> None:
-        """Tombstone a visitor token and session tokens (each kept while it could be live)."""
+        """Tombstone a visitor token and session tokens (each kept while it could be live).
+        Raises when Redis is unreachable: the caller's change must not commit without it."""
         pipe = self._redis.pipeline(transaction=False)
         for token_hash in visitor_token_hashes:
             pipe.set(
@@ -148,7 +166,7 @@ class SessionCache:
             )
         for token_hash, ttl in session_token_hashes:
             pipe.set(self._session_key(token_hash), TOMBSTONE, px=max(1, int(ttl * 1000)))
-        await pipe.execute()
+        await self._breaker.call(pipe.execute, short=False)
 
 
 async def fill_quietly(fill: Awaitable[None]) -> None:

@@ -36,6 +36,7 @@ from services.session_resolution.session_access import (
     log_out,
 )
 from services.session_resolution.session_inputs import browser_input, server_identity
+from shared.db import use_bulkhead
 from shared.identity.contact_tokens import CONTACT_TOKENS
 from shared.identity.widget_tokens import WidgetToken
 from shared.scope_history import HistoryScope, scope_page
@@ -117,6 +118,8 @@ async def preflight(request: web.Request) -> web.Response:
 @edge.with_cors
 async def create_session(request: web.Request) -> web.Response:
     body = await decode_body(request, session_request_decoder)
+    if body.user is not None:
+        use_bulkhead("identity")  # a verified login reads and locks contacts
     widget, policy = await edge.admit_widget(request, body.widget_token, body.visitor_token)
     browser = browser_input(body, widget.settings)
     server = await server_identity(request.app[CONTACT_TOKENS], body.user, widget.org_id)

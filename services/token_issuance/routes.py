@@ -27,7 +27,7 @@ from shared.identity.revocation import announce_revocation
 from shared.redis import REDIS
 from shared.web.http import decode_body, json_response, parse_uuid
 from shared.web.openapi import Query, operation
-from shared.web.ratelimit import Limit, RateLimiter
+from shared.web.ratelimit import RATE_LIMITER, Limit
 
 # --- for customer backends -----------------------------------------------------------------
 
@@ -81,7 +81,7 @@ async def _admit_backend(request: web.Request) -> tuple[ApiKeyPrincipal, OrgPoli
     principal = await app[API_KEYS].authenticate(request, "contacts:authenticate")
     policy = await app[POLICIES].get(app[DB_POOL], principal.org_id)
     limits = policy.effective_rate_limits(settings.rate_limits)
-    await RateLimiter(app[REDIS], settings.stream_prefix).check(
+    await app[RATE_LIMITER].check(
         Limit(f"authenticate:{principal.key_id}", limits.authenticate_per_key)
     )
     return principal, policy

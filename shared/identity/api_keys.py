@@ -27,7 +27,7 @@ from shared.db import DB_POOL, TRANSIENT_DB_ERRORS
 from shared.errors import Problem, insufficient_scope, invalid_api_key
 from shared.identity.credential_cache import CredentialCache
 from shared.identity.revocation import CredentialChange
-from shared.redis import REDIS
+from shared.redis import REDIS, REDIS_BREAKER
 from shared.web.http import Handler, bearer_token, client_ip
 from shared.web.openapi import SPEC_ATTRIBUTE
 from shared.web.ratelimit import FailureThrottle
@@ -229,12 +229,12 @@ async def auth_failure_throttle(request: web.Request, handler: Handler) -> web.S
     throttle = request.app[AUTH_FAILURES]
     ip = client_ip(request)
     if not _vouched_for(request, security):
-        await throttle.check(request.app[REDIS], ip)
+        await throttle.check(request.app[REDIS], request.app[REDIS_BREAKER], ip)
     try:
         return await handler(request)
     except Problem as problem:
         if problem.code in _FAILURE_CODES:
-            await throttle.record(request.app[REDIS], ip)
+            await throttle.record(request.app[REDIS], request.app[REDIS_BREAKER], ip)
         raise
 
 

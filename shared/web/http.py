@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -22,10 +22,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from shared import db
 from shared import redis as redis_mod
 from shared.config import SETTINGS, Settings
-from shared.errors import Problem, db_unavailable, unavailable, validation_failed
-from shared.lifecycle import READINESS, SERVICE_NAME, Readiness
+from shared.errors import (
+    Problem,
+    db_busy,
+    db_unavailable,
+    deadline_exceeded,
+    unavailable,
+    validation_failed,
+)
+from shared.lifecycle import READINESS, SERVICE_NAME, Readiness, shutdown_of
 from shared.observability import HTTP_IN_FLIGHT, HTTP_LATENCY, HTTP_REQUESTS, request_id_var
 from shared.web import apidocs, openapi
+from shared.web.ratelimit import RATE_LIMITER, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +167,50 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
         request_id_var.reset(token)
 
 
+def route_kind(path: str) -> str:
+    """Which budget and which database bulkhead (``shared.db.bulkhead_caps``) a request gets:
+    ``widget`` (the browser's endpoints; a verified login then moves to ``identity``),
+    ``identity`` (authenticate-user), ``admin`` (the operator's), ``api`` (everything else:
+    customer backends, platform services, probes)."""
+    if path.startswith("/widget/sessions"):
+        return "widget"
+    if path == "/widget/authenticate-user":
+        return "identity"
+    if path.startswith("/admin/"):
+        return "admin"
+    return "api"
+
+
+def request_budget(settings: Settings, kind: str) -> float:
+    if kind == "widget":
+        return settings.widget_request_timeout
+    if kind == "admin":
+        return settings.admin_request_timeout
+    return settings.request_timeout
+
+
+@web.middleware
+async def deadline_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request ends within its kind's budget: past it, the handler is cancelled (its
+    transaction rolls back, its connection returns to the pool) and the client gets a quick
+    503 deadline_exceeded instead of a hang. The kind also picks the request's bulkhead in
+    the database pool (``shared.db.bulkhead_caps``)."""
+    kind = route_kind(request.path)
+    budget = request_budget(request.app[SETTINGS], kind)
+    token = db.ROUTE_KIND.set(kind)
+    timer = asyncio.timeout(budget)
+    try:
+        async with timer:
+            return await handler(request)
+    except TimeoutError:
+        if not timer.expired():
+            raise  # some inner timeout; problem_middleware decides what it means
+        log.warning("request deadline exceeded", extra={"kind": kind, "budget": budget})
+        raise deadline_exceeded(budget) from None
+    finally:
+        db.ROUTE_KIND.reset(token)
+
+
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one place where exceptions become problem+json; nothing leaks a traceback."""
@@ -180,6 +232,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     except Exception as exc:
         if db.is_transient(exc):
+            if db.is_busy(exc):
+                # Expected under a hot lock, at request rate: one line, no traceback.
+                log.warning("database busy", extra={"error": repr(exc)})
+                return problem_response(db_busy(), request)
             log.warning("database unavailable", exc_info=True)
             return problem_response(db_unavailable(), request)
         if isinstance(exc, redis_mod.TRANSIENT_REDIS_ERRORS):
@@ -194,16 +250,27 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare`` hook; aiohttp only fills ``Server`` in when it is unset."""
+    """``on_response_prepare`` hook; aiohttp only fills ``Server`` in when it is unset. Once
+    the process drains, every answer also says ``Connection: close``: a keep-alive client
+    then opens its next connection to another replica instead of reusing one this process
+    is about to close under it."""
     response.headers["Server"] = SERVER_NAME
+    if request.app[READINESS].draining:
+        # The hook runs after aiohttp wrote its Connection header from keep_alive: set both,
+        # the header for the client, force_close for our side to close after this answer.
+        response.force_close()
+        response.headers["Connection"] = "close"
 
 
 class ProbeOut(msgspec.Struct, kw_only=True):
-    """A probe's answer: ``ok``/``ready``, or ``draining``/``unavailable`` with what failed."""
+    """A probe's answer: ``ok``/``ready``; ``degraded`` (still ready) with the checks that
+    failed but that the process can serve without; ``draining``/``unavailable`` with what
+    failed."""
 
     status: str
     checks: list[str] | msgspec.UnsetType = msgspec.UNSET
     failed: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    degraded: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
 
 
 @openapi.operation(
@@ -217,10 +284,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 @openapi.operation(
-    summary="Readiness: Postgres and Redis reachable, not draining",
+    summary="Readiness: Postgres reachable, not draining",
     tags=["operations"],
     responses={
-        200: openapi.Content(ProbeOut, description="Ready: every dependency answered."),
+        200: openapi.Content(
+            ProbeOut,
+            description=(
+                "Ready: `ready` when every dependency answered, `degraded` when only Redis did "
+                "not (sessions and authentication still answer from Postgres; see README)."
+            ),
+        ),
         503: openapi.Content(
             ProbeOut,
             description="Not ready: `draining` after SIGTERM, or `unavailable` with the failed checks.",
@@ -242,8 +315,11 @@ async def readyz(request: web.Request) -> web.Response:
         for n, r in zip(names, results, strict=True)
         if isinstance(r, BaseException)
     }
-    if failed:
+    degraded = {n: why for n, why in failed.items() if n in readiness.degradable}
+    if len(degraded) < len(failed):
         return json_response(ProbeOut(status="unavailable", failed=failed), status=503)
+    if degraded:
+        return json_response(ProbeOut(status="degraded", checks=names, degraded=degraded))
     return json_response(ProbeOut(status="ready", checks=names))
 
 
@@ -265,16 +341,27 @@ async def metrics(request: web.Request) -> web.Response:
 def base_app(settings: Settings, *, name: str) -> web.Application:
     """The application every service starts from: middlewares, probes, pools. No I/O here."""
     app = web.Application(
-        middlewares=[request_context_middleware, problem_middleware],
+        middlewares=[request_context_middleware, problem_middleware, deadline_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     app.on_response_prepare.append(name_the_server)
-    readiness = Readiness()
+    # Without Redis a process still answers sessions and authentication from Postgres
+    # (README, "When Redis is down"): it stays in the load balancer, reporting degraded.
+    readiness = Readiness(degradable={"redis"})
     app[READINESS] = readiness
+    shutdown_of(app)
     # Registered first so they close last, after consumers and handlers have finished.
     app.cleanup_ctx.append(db.pool_context(settings))
     app.cleanup_ctx.append(redis_mod.redis_context(settings))
+
+    async def rate_limiter(app: web.Application) -> AsyncIterator[None]:
+        app[RATE_LIMITER] = RateLimiter(
+            app[redis_mod.REDIS], settings.stream_prefix, app[redis_mod.REDIS_BREAKER]
+        )
+        yield
+
+    app.cleanup_ctx.append(rate_limiter)
 
     async def register_checks(app: web.Application) -> None:
         readiness.checks["postgres"] = lambda: db.ping(app[db.DB_POOL])

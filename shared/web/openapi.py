@@ -213,7 +213,11 @@ _DEFAULT_ERRORS = {
     415: "`unsupported_media_type`: the body must be `application/json`.",
     422: "`validation_failed`: the input is well-formed JSON but not valid; nothing was changed.",
     429: "`rate_limited`: too many requests; retry after `Retry-After` seconds.",
-    503: "`db_unavailable` or `redis_unavailable`: a backend is unreachable; retry after `Retry-After` seconds.",
+    503: (
+        "`db_unavailable` or `redis_unavailable` (a backend is unreachable), `db_busy` (a lock "
+        "or statement timeout, or no database connection free in time) or `deadline_exceeded` "
+        "(the request's time budget ran out); retry after `Retry-After` seconds."
+    ),
 }
 _AUTH_429 = (
     "`rate_limited`: too many requests, or too many failed authentication attempts from this "

@@ -3,6 +3,10 @@
 One round trip (a small Lua script, so one command however many limits) checks several limits at once (per IP, per widget token, per
 visitor...). Fixed windows allow a burst of up to 2x at a window edge; that is accepted for
 abuse protection, which is what these limits are for.
+
+While Redis is unreachable (``RedisBreaker``) each process counts on its own, in the same
+windows (``LocalWindows``): a client gets at most the limit per replica then, and legitimate
+callers are not turned away for an outage of the counter.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from aiohttp import web
 from redis.exceptions import NoScriptError
 
 from shared.errors import rate_limited
-from shared.redis import TRANSIENT_REDIS_ERRORS
+from shared.redis import TRANSIENT_REDIS_ERRORS, RedisBreaker
 
 WINDOW_SECONDS = 60
 
@@ -42,10 +47,34 @@ class Limit:
     per_minute: int
 
 
+class LocalWindows:
+    """This process's own counts, keyed like the Redis ones (the window is in the key), for
+    while Redis is unreachable. Bounded: old windows pile up only during an outage, and past
+    ``max_keys`` they are all dropped at once (a fresh minute for everybody)."""
+
+    def __init__(self, *, max_keys: int = 10_000) -> None:
+        self._max = max_keys
+        self._counts: dict[str, int] = {}
+
+    def get(self, key: str) -> int:
+        return self._counts.get(key, 0)
+
+    def incr(self, keys: list[str]) -> list[int]:
+        if len(self._counts) + len(keys) > self._max:
+            self._counts.clear()
+        counts = []
+        for key in keys:
+            self._counts[key] = n = self._counts.get(key, 0) + 1
+            counts.append(n)
+        return counts
+
+
 class RateLimiter:
-    def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str, breaker: RedisBreaker) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._breaker = breaker
+        self._local = LocalWindows()
 
     async def check(self, *limits: Limit) -> None:
         """Count this request against every limit; raise 429 with Retry-After if any is over."""
@@ -54,10 +83,17 @@ class RateLimiter:
         now = time.time()
         window = int(now // WINDOW_SECONDS)
         keys = [f"{self._prefix}rl:{limit.key}:{window}" for limit in limits]
-        counts = await _count(self._redis, keys)
+        try:
+            counts = await self._breaker.call(lambda: _count(self._redis, keys))
+        except TRANSIENT_REDIS_ERRORS:
+            counts = self._local.incr(keys)
         for limit, count in zip(limits, counts, strict=True):
             if int(count) > limit.per_minute:
                 raise rate_limited(_retry_after(window, now))
+
+
+# The process's one limiter (its fallback counts must outlive a request); base_app opens it.
+RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter", RateLimiter)
 
 
 class FailureThrottle:
@@ -70,32 +106,29 @@ class FailureThrottle:
     def __init__(self, prefix: str, per_minute: int, *, max_local_keys: int = 10_000) -> None:
         self._prefix = prefix
         self._per_minute = per_minute
-        self._max_local = max_local_keys
-        self._local: dict[str, int] = {}
+        self._local = LocalWindows(max_keys=max_local_keys)
 
     def _key(self, key: str, window: int) -> str:
         return f"{self._prefix}rl:fail:{key}:{window}"
 
-    async def check(self, redis: aioredis.Redis, key: str) -> None:
+    async def check(self, redis: aioredis.Redis, breaker: RedisBreaker, key: str) -> None:
         now = time.time()
         window = int(now // WINDOW_SECONDS)
         name = self._key(key, window)
         try:
-            raw = await redis.get(name)
+            raw = await breaker.call(lambda: redis.get(name))
             count = int(raw) if raw is not None else 0
         except TRANSIENT_REDIS_ERRORS:
-            count = self._local.get(name, 0)
+            count = self._local.get(name)
         if count >= self._per_minute:
             raise rate_limited(_retry_after(window, now))
 
-    async def record(self, redis: aioredis.Redis, key: str) -> None:
+    async def record(self, redis: aioredis.Redis, breaker: RedisBreaker, key: str) -> None:
         name = self._key(key, int(time.time() // WINDOW_SECONDS))
         try:
-            await _count(redis, [name])
+            await breaker.call(lambda: _count(redis, [name]))
         except TRANSIENT_REDIS_ERRORS:
-            if len(self._local) >= self._max_local:
-                self._local.clear()  # old windows pile up only while Redis is down
-            self._local[name] = self._local.get(name, 0) + 1
+            self._local.incr([name])
 
 
 async def _count(redis: aioredis.Redis, keys: list[str]) -> list[int]:

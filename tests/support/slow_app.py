@@ -1,4 +1,5 @@
-"""A service process with one deliberately slow route, for the graceful-shutdown test."""
+"""A service process with one deliberately slow route and one worker that ignores its stop,
+for the graceful-shutdown test."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 from aiohttp import web
 
 from shared.config import Settings
-from shared.lifecycle import serve
+from shared.lifecycle import add_worker, serve
 from shared.service import service_app
 from shared.web.http import json_response
 
@@ -17,10 +18,16 @@ async def slow(request: web.Request) -> web.Response:
     return json_response({"done": True})
 
 
+async def stubborn(stop: asyncio.Event) -> None:
+    """Never looks at ``stop``: only cancellation ends it."""
+    await asyncio.Event().wait()
+
+
 def main() -> None:
     settings = Settings.from_env()
     app = service_app(settings, name="slow-test")
     app.router.add_get("/slow", slow)
+    add_worker(app, "stubborn", lambda app: stubborn)
     serve(app, settings)
 
 

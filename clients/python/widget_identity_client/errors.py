@@ -21,7 +21,8 @@ Classes by status, with the codes that refine them::
     422 ValidationFailed      (``errors``: the invalid fields, when the server names them)
     429 RateLimited           (``retry_after``)
     500 ServerError           InternalError
-    502/503/504 ServiceUnavailable (``db_unavailable``, ``redis_unavailable``; ``retry_after``)
+    502/503/504 ServiceUnavailable (``db_unavailable``, ``redis_unavailable``, ``db_busy``,
+                              ``deadline_exceeded``; ``retry_after``)
     401 or 409 SessionEnded   (401 on a widget session token, 409 when recording history)
 """
 
@@ -165,10 +166,12 @@ class ServerError(WidgetIdentityError, statuses=(500,)):
 
 
 class ServiceUnavailable(
-    ServerError, codes=("db_unavailable", "redis_unavailable"), statuses=(502, 503, 504)
+    ServerError,
+    codes=("db_unavailable", "redis_unavailable", "db_busy", "deadline_exceeded"),
+    statuses=(502, 503, 504),
 ):
-    """502/503/504: a backend (Postgres, Redis) or the server itself is unreachable for now;
-    ``retry_after`` says when to try again, if the answer said."""
+    """502/503/504: a backend (Postgres, Redis) or the server itself is unreachable or busy
+    for now; ``retry_after`` says when to try again, if the answer said."""
 
 
 # --- by code ---------------------------------------------------------------------------------

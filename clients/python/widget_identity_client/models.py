@@ -372,11 +372,15 @@ class PrefillUserData(Model, kw_only=True, frozen=True):
 
 
 class ProbeOut(Model, kw_only=True, frozen=True):
-    """A probe's answer: `ok`/`ready`, or `draining`/`unavailable` with what failed."""
+    """A probe's answer: `ok`/`ready`; `degraded` (still ready) with the checks that
+    failed but that the process can serve without; `draining`/`unavailable` with what
+    failed.
+    """
 
     status: str
     checks: list[str] | msgspec.UnsetType = msgspec.UNSET
     failed: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    degraded: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Problem(Model, kw_only=True, frozen=True):
