@@ -57,7 +57,7 @@ _COLLECT = textwrap.dedent(
     import services, shared
     from prometheus_client import REGISTRY
     from prometheus_client.utils import floatToGoString
-    from services.history.handlers import GROUP
+    from services.history.consumers import GROUP
     from shared.bus.applier import BATCH_SPLIT
     from shared.bus.messages import Outcome
 

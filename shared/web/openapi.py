@@ -200,6 +200,7 @@ TAG_DESCRIPTIONS = {
     "contacts": "Contact lifecycle: erasure (GDPR).",
     "admin": "Org administration with the operator's admin token.",
     "operations": "Probes, metrics and this documentation.",
+    "browser": "The identity SDK for web pages (ES module, classic script, TypeScript types).",
 }
 
 # What each error status means here, unless an operation says more precisely.
