@@ -84,6 +84,7 @@ async def profile_server(
             "--format",
             "raw",
             "--nonblocking",
+            "--subprocesses",
             "-o",
             str(raw),
             stdout=asyncio.subprocess.DEVNULL,
