@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from bench.stack import prepare
@@ -62,6 +63,7 @@ def main() -> None:
         help="soak: run the server under tracemalloc and print what grew (slow; BENCH_TRACEMALLOC=1)",
     )
     args = parser.parse_args()
+    started = time.monotonic()
     default_duration = os.environ.get("BENCH_DURATION", "3" if args.quick else "10")
     args.duration = args.duration or float(default_duration)
     args.warmup = args.warmup or (1.0 if args.quick else 2.0)
@@ -98,7 +100,7 @@ def main() -> None:
             from bench.merges import run_merges
 
             print("merge consumer:", flush=True)
-            backlog = 20_000 if args.quick else 100_000
+            backlog = 10_000 if args.quick else 100_000
             for line in asyncio.run(run_merges(env, workdir, backlog=backlog)):
                 print(line, flush=True)
         if not args.skip_growth:
@@ -107,6 +109,7 @@ def main() -> None:
             sizes = [10**4, 10**5] if args.quick else [10**4, 10**5, 10**6]
             print("cost as the data grows:", flush=True)
             asyncio.run(run_growth(args, servers, workdir, sizes))
+        print(f"(whole run: {time.monotonic() - started:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from shared.web.ratelimit import Limit, RateLimiter
 
-STREAM = "floor:events"
-PREFIX = "floor:"
+STREAM = "floor:events"  # the outbox rows' stream column
 ISSUER = AUDIENCE = "floor"
 SESSION_TTL = 24 * 3600
 PAGE, MESSAGES_PER = 20, 200  # the widget history page's defaults (SessionConfig, pagination)
@@ -48,6 +47,7 @@ UNLIMITED = 100_000_000
 class Floor:
     pool: asyncpg.Pool
     redis: aioredis.Redis
+    prefix: str  # of every Redis key and of the events stream (<prefix>events)
     limiter: RateLimiter
     key: Ed25519PrivateKey
     org_id: uuid.UUID
@@ -183,7 +183,9 @@ async def authenticate(request: web.Request) -> web.Response:
         _json.encode(attributes).decode(),
         payload,
     )
-    await floor.redis.xadd(STREAM, {"event": payload}, maxlen=100_000, approximate=True)
+    await floor.redis.xadd(
+        floor.prefix + "events", {"event": payload}, maxlen=100_000, approximate=True
+    )
     claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": str(contact_id), "org": str(org_id)}
     claims |= {"iat": iat, "exp": iat + 3600, "jti": str(uuid.uuid4()), "userId": body.userId}
     token = jwt.encode(claims, floor.key, algorithm="EdDSA")
@@ -269,11 +271,11 @@ async def _remember(
 ) -> None:
     pipe = floor.redis.pipeline(transaction=False)
     state = VisitorState(visitor_id, session_id, wrapped, expires, contact_id)
-    pipe.set(f"{PREFIX}v:{_hash(visitor_token).hex()}", _pack.encode(state), ex=SESSION_TTL)
+    pipe.set(f"{floor.prefix}v:{_hash(visitor_token).hex()}", _pack.encode(state), ex=SESSION_TTL)
     record = SessionRecord(session_id, visitor_id, expires)
-    pipe.set(f"{PREFIX}s:{_hash(session_token).hex()}", _pack.encode(record), ex=SESSION_TTL)
+    pipe.set(f"{floor.prefix}s:{_hash(session_token).hex()}", _pack.encode(record), ex=SESSION_TTL)
     for payload in events:
-        pipe.xadd(STREAM, {"event": payload}, maxlen=100_000, approximate=True)
+        pipe.xadd(floor.prefix + "events", {"event": payload}, maxlen=100_000, approximate=True)
     await pipe.execute()
 
 
@@ -285,7 +287,7 @@ async def returning_session(request: web.Request) -> web.Response:
     body = _session.decode(await request.read())
     await _admit(floor, request, body)
     assert body.visitorToken is not None
-    raw = await floor.redis.get(f"{PREFIX}v:{_hash(body.visitorToken).hex()}")
+    raw = await floor.redis.get(f"{floor.prefix}v:{_hash(body.visitorToken).hex()}")
     if not isinstance(raw, bytes):
         raise web.HTTPNotFound()
     state = _state.decode(raw)
@@ -310,7 +312,7 @@ async def login(request: web.Request) -> web.Response:
     assert body.visitorToken is not None
     assert body.user is not None
     claims = _verify(floor, body.user.token)
-    raw = await floor.redis.get(f"{PREFIX}v:{_hash(body.visitorToken).hex()}")
+    raw = await floor.redis.get(f"{floor.prefix}v:{_hash(body.visitorToken).hex()}")
     if not isinstance(raw, bytes):
         raise web.HTTPNotFound()
     visitor_id, contact_id = _state.decode(raw).visitor_id, claims["sub"]
@@ -377,7 +379,7 @@ async def history(request: web.Request) -> web.Response:
     messages."""
     floor = request.app[FLOOR]
     bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
-    raw = await floor.redis.get(f"{PREFIX}s:{_hash(bearer).hex()}")
+    raw = await floor.redis.get(f"{floor.prefix}s:{_hash(bearer).hex()}")
     if not isinstance(raw, bytes):
         raise web.HTTPUnauthorized()
     record = _record.decode(raw)
@@ -412,7 +414,7 @@ async def history(request: web.Request) -> web.Response:
 async def resources(app: web.Application) -> AsyncIterator[None]:
     """The org, its widget token and API key rows the floor's writes point at, and the
     in-process credential caches; ``FLOOR_API_KEY`` and ``FLOOR_WIDGET_TOKEN`` come from the
-    bench, which sends them."""
+    bench, which sends them; ``FLOOR_PREFIX`` (default ``floor:``) prefixes its Redis keys."""
     pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=2, max_size=10)
     assert pool is not None
     org_id, widget_id, key_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
@@ -427,10 +429,12 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
             _hash(widget_token),
         )
     redis = aioredis.Redis.from_url(os.environ["REDIS_URL"])
+    prefix = os.environ.get("FLOOR_PREFIX", "floor:")
     app[FLOOR] = Floor(
         pool=pool,
         redis=redis,
-        limiter=RateLimiter(redis, PREFIX),
+        prefix=prefix,
+        limiter=RateLimiter(redis, prefix),
         key=Ed25519PrivateKey.generate(),
         org_id=org_id,
         widget_id=widget_id,

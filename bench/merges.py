@@ -1,5 +1,5 @@
 """The merge path of ``make bench``: conversations moved per second, event lag under a steady
-load, and the time to drain a backlog of merge events (100,000; 20,000 under ``--quick``).
+load, and the time to drain a backlog of merge events (100,000; 10,000 under ``--quick``).
 
 Data is bulk-loaded with SQL (orgs, contacts, visitors, conversations) and merge requests
 are emitted through the real outbox; the real relay publishes them and the real merge
