@@ -10,7 +10,7 @@ NODE_LOCK := .node/package-lock.json
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml $(LOCK) $(NODE_LOCK) | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run test test-fast lint format bench soak clean clean-dev
+.PHONY: help install lock run test test-fast lint format bench bench-quick soak clean clean-dev
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -67,8 +67,11 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP) ## the benchmark: throughput and latency next to a floor measured in the same run
-	$(BIN)/python -m bench
+bench: $(STAMP) ## the benchmark: each path next to its equal-work floor, merges, cost as data grows (QUICK=1: < 5 min)
+	$(BIN)/python -m bench $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+bench-quick: $(STAMP) ## make bench with short runs and growth at 10^4 and 10^5 only (under five minutes)
+	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
 SOAK_SECONDS ?= 600
 soak: $(STAMP) ## memory soak: server RSS under a mixed load for SOAK_SECONDS (600) after warm-up

@@ -39,7 +39,8 @@ async def provision(
     base: str, admin: str, users: int, anonymous: int, conversations: bool = False
 ) -> dict[str, Any]:
     """``verified``/``anonymous``: bodies for returning visitors' POST /widget/sessions;
-    ``sessions``: (sessionId, sessionToken) of every session opened here."""
+    ``tokens``: the users' contact tokens; ``sessions``: (sessionId, sessionToken) of every
+    session opened here, the verified ones first."""
     async with aiohttp.ClientSession() as session:
         c = Client(session, base)
         org = await c.call("POST", "/admin/v1/orgs", {"name": "bench"}, admin)
@@ -82,6 +83,7 @@ async def provision(
         "org": org,
         "key": key["key"],
         "widget": widget["token"],
+        "tokens": tokens,
         "verified": verified,
         "anonymous": anon,
         "sessions": sessions,
