@@ -10,8 +10,8 @@ import base64
 import binascii
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -116,79 +116,117 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         reader = _Reader(env)
+        # Every default is written once, on the field above; an unset variable takes it.
+        defaults, limits = _Defaults(cls), _Defaults(RateLimits)
         settings = cls(
             database_url=reader.url("DATABASE_URL", _PG_SCHEMES),
             redis_url=reader.url("REDIS_URL", _REDIS_SCHEMES),
-            port=reader.get("PORT", int, 8080, check=lambda v: 0 <= v <= 65535),
-            host=reader.get("HOST", str, "0.0.0.0"),
+            port=reader.get("PORT", int, defaults.port, check=lambda v: 0 <= v <= 65535),
+            host=reader.get("HOST", str, defaults.host),
             admin_token=reader.optional_secret("ADMIN_TOKEN", min_length=16),
             key_encryption_key=reader.key("KEY_ENCRYPTION_KEY"),
-            token_issuer=reader.get("TOKEN_ISSUER", str, "widget-identity", check=bool),
-            token_audience=reader.get("TOKEN_AUDIENCE", str, "widget-identity:widget", check=bool),
+            token_issuer=reader.get("TOKEN_ISSUER", str, defaults.token_issuer, check=bool),
+            token_audience=reader.get("TOKEN_AUDIENCE", str, defaults.token_audience, check=bool),
             token_algorithms=reader.get(
                 "TOKEN_ALGORITHMS",
                 _algorithms,
-                ("EdDSA",),
+                defaults.token_algorithms,
                 check=lambda v: bool(v) and set(v) <= {"EdDSA", "ES256"},
             ),
-            stream_prefix=reader.get("STREAM_PREFIX", str, "wi:"),
+            stream_prefix=reader.get("STREAM_PREFIX", str, defaults.stream_prefix),
             log_level=reader.get(
                 "LOG_LEVEL",
                 str.upper,
-                "INFO",
+                defaults.log_level,
                 check=lambda v: v in {"DEBUG", "INFO", "WARNING", "ERROR"},
             ),
-            log_json=reader.get("LOG_JSON", _boolean, True),
-            shutdown_timeout=reader.get("SHUTDOWN_TIMEOUT", float, 25.0, check=_positive),
-            drain_delay=reader.get("DRAIN_DELAY", float, 0.0, check=lambda v: v >= 0),
-            widget_request_timeout=reader.get(
-                "WIDGET_REQUEST_TIMEOUT", float, 5.0, check=_positive
+            log_json=reader.get("LOG_JSON", _boolean, defaults.log_json),
+            shutdown_timeout=reader.get(
+                "SHUTDOWN_TIMEOUT", float, defaults.shutdown_timeout, check=_positive
             ),
-            request_timeout=reader.get("REQUEST_TIMEOUT", float, 10.0, check=_positive),
-            admin_request_timeout=reader.get("ADMIN_REQUEST_TIMEOUT", float, 30.0, check=_positive),
-            db_pool_min=reader.get("DB_POOL_MIN", int, 1, check=lambda v: v >= 0),
-            db_pool_max=reader.get("DB_POOL_MAX", int, 10, check=_positive),
-            db_acquire_timeout=reader.get("DB_ACQUIRE_TIMEOUT", float, 2.0, check=_positive),
-            db_lock_timeout=reader.get("DB_LOCK_TIMEOUT", float, 0.5, check=_positive),
-            db_statement_timeout=reader.get("DB_STATEMENT_TIMEOUT", float, 8.0, check=_positive),
-            redis_socket_timeout=reader.get("REDIS_SOCKET_TIMEOUT", float, 5.0, check=_positive),
-            redis_max_connections=reader.get("REDIS_MAX_CONNECTIONS", int, 64, check=_positive),
-            relay_enabled=reader.get("RELAY_ENABLED", _boolean, True),
+            drain_delay=reader.get(
+                "DRAIN_DELAY", float, defaults.drain_delay, check=lambda v: v >= 0
+            ),
+            widget_request_timeout=reader.get(
+                "WIDGET_REQUEST_TIMEOUT", float, defaults.widget_request_timeout, check=_positive
+            ),
+            request_timeout=reader.get(
+                "REQUEST_TIMEOUT", float, defaults.request_timeout, check=_positive
+            ),
+            admin_request_timeout=reader.get(
+                "ADMIN_REQUEST_TIMEOUT", float, defaults.admin_request_timeout, check=_positive
+            ),
+            db_pool_min=reader.get(
+                "DB_POOL_MIN", int, defaults.db_pool_min, check=lambda v: v >= 0
+            ),
+            db_pool_max=reader.get("DB_POOL_MAX", int, defaults.db_pool_max, check=_positive),
+            db_acquire_timeout=reader.get(
+                "DB_ACQUIRE_TIMEOUT", float, defaults.db_acquire_timeout, check=_positive
+            ),
+            db_lock_timeout=reader.get(
+                "DB_LOCK_TIMEOUT", float, defaults.db_lock_timeout, check=_positive
+            ),
+            db_statement_timeout=reader.get(
+                "DB_STATEMENT_TIMEOUT", float, defaults.db_statement_timeout, check=_positive
+            ),
+            redis_socket_timeout=reader.get(
+                "REDIS_SOCKET_TIMEOUT", float, defaults.redis_socket_timeout, check=_positive
+            ),
+            redis_max_connections=reader.get(
+                "REDIS_MAX_CONNECTIONS", int, defaults.redis_max_connections, check=_positive
+            ),
+            relay_enabled=reader.get("RELAY_ENABLED", _boolean, defaults.relay_enabled),
             stream_retention_seconds=reader.get(
                 # Not below a minute: the revocation listener XREADs the stream without a
                 # group, so only time protects what it has not read yet.
                 "STREAM_RETENTION_SECONDS",
                 float,
-                3600.0,
+                defaults.stream_retention_seconds,
                 check=lambda v: v >= 60,
             ),
-            consumer_max_deliveries=reader.get("CONSUMER_MAX_DELIVERIES", int, 5, check=_positive),
+            consumer_max_deliveries=reader.get(
+                "CONSUMER_MAX_DELIVERIES", int, defaults.consumer_max_deliveries, check=_positive
+            ),
             consumer_claim_idle_ms=reader.get(
-                "CONSUMER_CLAIM_IDLE_MS", int, 30_000, check=_positive
+                "CONSUMER_CLAIM_IDLE_MS", int, defaults.consumer_claim_idle_ms, check=_positive
             ),
-            merge_pending_timeout=reader.get("MERGE_PENDING_TIMEOUT", float, 60.0, check=_positive),
-            max_body_bytes=reader.get("MAX_BODY_BYTES", int, 64 * 1024, check=_positive),
+            merge_pending_timeout=reader.get(
+                "MERGE_PENDING_TIMEOUT", float, defaults.merge_pending_timeout, check=_positive
+            ),
+            max_body_bytes=reader.get(
+                "MAX_BODY_BYTES", int, defaults.max_body_bytes, check=_positive
+            ),
             trusted_proxy_hops=reader.get(
-                "TRUSTED_PROXY_HOPS", int, 0, check=lambda v: 0 <= v <= 10
+                "TRUSTED_PROXY_HOPS", int, defaults.trusted_proxy_hops, check=lambda v: 0 <= v <= 10
             ),
-            auth_failures_per_ip=reader.get("AUTH_FAILURES_PER_IP", int, 20, check=_positive),
-            playground=reader.get("PLAYGROUND", _boolean, False),
+            auth_failures_per_ip=reader.get(
+                "AUTH_FAILURES_PER_IP", int, defaults.auth_failures_per_ip, check=_positive
+            ),
+            playground=reader.get("PLAYGROUND", _boolean, defaults.playground),
             otel_exporter_otlp_endpoint=reader.optional_url(
                 "OTEL_EXPORTER_OTLP_ENDPOINT", ("http", "https")
             ),
             otel_service_name=reader.get(
-                "OTEL_SERVICE_NAME", str, None, check=lambda v: bool(v and v.strip())
+                "OTEL_SERVICE_NAME",
+                str,
+                defaults.otel_service_name,
+                check=lambda v: bool(v and v.strip()),
             ),
             rate_limits=RateLimits(
                 authenticate_per_key=reader.get(
-                    "RATE_AUTHENTICATE_PER_KEY", int, 600, check=_positive
+                    "RATE_AUTHENTICATE_PER_KEY", int, limits.authenticate_per_key, check=_positive
                 ),
-                sessions_per_ip=reader.get("RATE_SESSIONS_PER_IP", int, 300, check=_positive),
+                sessions_per_ip=reader.get(
+                    "RATE_SESSIONS_PER_IP", int, limits.sessions_per_ip, check=_positive
+                ),
                 sessions_per_widget_token=reader.get(
-                    "RATE_SESSIONS_PER_WIDGET_TOKEN", int, 6000, check=_positive
+                    "RATE_SESSIONS_PER_WIDGET_TOKEN",
+                    int,
+                    limits.sessions_per_widget_token,
+                    check=_positive,
                 ),
                 sessions_per_visitor=reader.get(
-                    "RATE_SESSIONS_PER_VISITOR", int, 60, check=_positive
+                    "RATE_SESSIONS_PER_VISITOR", int, limits.sessions_per_visitor, check=_positive
                 ),
             ),
         )
@@ -198,6 +236,21 @@ class Settings:
             # The drain delay is spent out of the shutdown budget: nothing would be left.
             raise ConfigError("DRAIN_DELAY: must be below SHUTDOWN_TIMEOUT")
         return settings
+
+
+class _Defaults:
+    """A dataclass's field defaults by attribute, read without building an instance (Settings
+    has required fields)."""
+
+    def __init__(self, cls: type) -> None:
+        self._values = {
+            f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+            for f in fields(cls)
+            if f.default is not MISSING or f.default_factory is not MISSING
+        }
+
+    def __getattr__(self, name: str) -> Any:
+        return self._values[name]
 
 
 def _positive(value: float) -> bool:
