@@ -105,8 +105,3 @@ EVENT_LAG = Histogram(
     ["group"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-
-# W3C trace context of the request being handled, copied into the events it causes.
-traceparent_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "traceparent", default=None
-)

@@ -8,8 +8,7 @@ asyncpg and Redis instrumentations, and the aiohttp server instrumentation (its
 middleware first in every Application made after ``configure``).
 
 How the pieces join: ``Outbox`` writes the active span (the request's server span) into
-the event's ``traceparent``, falling back to ``traceparent_var`` when no span is active (as
-always when tracing is off, where nothing sets it either). The relay publishes
+the event's ``traceparent`` (none when tracing is off). The relay publishes
 each event under a span whose parent is that traceparent, and the consumer applies it
 under a span whose parent is the same traceparent, so its transaction (and the asyncpg
 spans inside) sit in the request's trace. Database and Redis calls outside any request or
@@ -45,7 +44,6 @@ from opentelemetry.util.types import Attributes
 
 from shared.bus.events import Event
 from shared.config import Settings
-from shared.observability import traceparent_var
 
 _SCOPE = "widget_identity"
 _UNTRACED_PATHS = "^/healthz$,^/readyz$,^/metrics$"
@@ -136,12 +134,12 @@ def shutdown() -> None:
 
 def current_traceparent() -> str | None:
     """What an event emitted now carries: the active span (the request's server span, or the
-    handling span of a consumer), else whatever ``traceparent_var`` holds."""
+    handling span of a consumer); None when tracing is off or no span is active."""
     if _active is not None:
         context = trace.get_current_span().get_span_context()
         if context.is_valid:
             return traceparent(trace.get_current_span())
-    return traceparent_var.get()
+    return None
 
 
 def traceparent(span: trace.Span) -> str | None:
