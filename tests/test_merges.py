@@ -35,6 +35,7 @@ from tests.support.history_fixtures import (
     merge_request,
     publish,
 )
+from tests.support.journeys import chat_anonymously, log_in
 from tests.support.server import Api, eventually, running
 from tests.support.tokens import mint_contact_token, provision_org
 
@@ -462,26 +463,9 @@ async def test_promise_4_end_to_end_a_login_merges_what_the_browser_said_and_und
     origin = {"Origin": "https://shop.example"}
     async with running(all_in_one.create_app(settings)) as api:
         org = await provision_org(api)
-        first = await api.post(
-            "/widget/sessions", json={"widgetToken": org.widget_token}, headers=origin
-        )
-        assert first.status == 200, first.body
-        said = await api.post(
-            "/v1/conversations",
-            json={"sessionId": first.body["sessionId"], "message": {"text": "before login"}},
-            token=org.api_key,
-        )
-        assert said.status == 201, said.body
+        chat = await chat_anonymously(api, org)
         minted = await mint_contact_token(api, org, userId="ada", email="ada@example.com")
-        login = await api.post(
-            "/widget/sessions",
-            json={
-                "widgetToken": org.widget_token,
-                "visitorToken": first.body["visitorToken"],
-                "user": {"token": minted["token"]},
-            },
-            headers=origin,
-        )
+        login = await log_in(api, org, chat.session["visitorToken"], minted["token"])
         assert login.status == 200, login.body
         merge = login.body["merge"]
         assert merge is not None and merge["status"] == "pending"
@@ -494,7 +478,7 @@ async def test_promise_4_end_to_end_a_login_merges_what_the_browser_said_and_und
         contact = minted["contactId"]
         history_reply = await api.get(f"/v1/contacts/{contact}/history", token=org.api_key)
         [conversation] = history_reply.body["conversations"]
-        assert conversation["id"] == said.body["id"]
+        assert conversation["id"] == chat.conversation_id
         assert conversation["messages"][0]["senderVerified"] is False  # said before login
         widget = await api.get(
             f"/widget/sessions/{login.body['sessionId']}/history",
@@ -502,13 +486,13 @@ async def test_promise_4_end_to_end_a_login_merges_what_the_browser_said_and_und
             headers=origin,
         )
         assert widget.status == 200, widget.body
-        assert said.body["id"] in str(widget.body)
+        assert chat.conversation_id in str(widget.body)
 
         undo = await api.post(f"/v1/merges/{merge['id']}/undo", token=org.api_key)
         assert undo.body["conversationsRestored"] == 1
-        visitor = first.body["identity"]["visitorId"]
+        visitor = chat.session["identity"]["visitorId"]
         back = await api.get(f"/v1/visitors/{visitor}/history", token=org.api_key)
-        assert [c["id"] for c in back.body["conversations"]] == [said.body["id"]]
+        assert [c["id"] for c in back.body["conversations"]] == [chat.conversation_id]
 
         # Verified again, said more, then erased: the widget session stops working.
         verified = await api.post(

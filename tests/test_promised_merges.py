@@ -28,6 +28,7 @@ from tests.support.history_fixtures import (
     make_org,
     make_visitors,
 )
+from tests.support.journeys import chat_anonymously, log_in
 from tests.support.server import Api, eventually, running
 from tests.support.tokens import OrgFixture, mint_contact_token, provision_org
 
@@ -41,32 +42,8 @@ def lost_events(settings: Settings) -> Settings:
     return settings.with_overrides(relay_enabled=False, merge_pending_timeout=0.5)
 
 
-async def browse_then_login(api: Api, org: OrgFixture, token: str) -> tuple[dict[str, Any], str]:
-    """A browser says something while anonymous, then logs in: (its first session, the
-    conversation it started)."""
-    first = await api.post(
-        "/widget/sessions", json={"widgetToken": org.widget_token}, headers=ORIGIN
-    )
-    assert first.status == 200, first.body
-    said = await api.post(
-        "/v1/conversations",
-        json={"sessionId": first.body["sessionId"], "message": {"text": "before login"}},
-        token=org.api_key,
-    )
-    assert said.status == 201, said.body
-    return first.body, said.body["id"]
-
-
 async def login(api: Api, org: OrgFixture, visitor_token: str, token: str) -> dict[str, Any]:
-    reply = await api.post(
-        "/widget/sessions",
-        json={
-            "widgetToken": org.widget_token,
-            "visitorToken": visitor_token,
-            "user": {"token": token},
-        },
-        headers=ORIGIN,
-    )
+    reply = await log_in(api, org, visitor_token, token)
     assert reply.status == 200, reply.body
     merge: dict[str, Any] = reply.body["merge"]
     assert merge is not None and merge["status"] == "pending"
@@ -135,7 +112,8 @@ async def test_promise_13_a_merge_id_is_readable_the_instant_the_login_answers(
     token = (await mint_contact_token(api, org, userId="ada", externalId="w"))["token"]
     seen: dict[str, tuple[datetime, str]] = {}
     for _ in range(100):
-        first, said = await browse_then_login(api, org, token)
+        chat = await chat_anonymously(api, org)
+        first, said = chat.session, chat.conversation_id
         asked = datetime.now(UTC)
         merge = await login(api, org, first["visitorToken"], token)
         answered = datetime.now(UTC)
@@ -164,7 +142,8 @@ async def test_promise_13_a_request_whose_event_never_comes_is_applied_from_post
         org = await provision_org(api)
         other = await provision_org(api, name="Other")
         token = (await mint_contact_token(api, org, userId="ada"))["token"]
-        first, said = await browse_then_login(api, org, token)
+        chat = await chat_anonymously(api, org)
+        first, said = chat.session, chat.conversation_id
         merge = await login(api, org, first["visitorToken"], token)
         pending = await merge_of(api, org, merge["id"])
         assert pending["status"] in ("pending", "done")
@@ -201,7 +180,8 @@ async def test_promise_13_the_worker_and_the_consumer_racing_apply_each_merge_on
         token = (await mint_contact_token(api, org, userId="ada"))["token"]
         moved: dict[str, str] = {}
         for _ in range(20):
-            first, said = await browse_then_login(api, org, token)
+            chat = await chat_anonymously(api, org)
+            first, said = chat.session, chat.conversation_id
             moved[(await login(api, org, first["visitorToken"], token))["id"]] = said
 
         eager = settings.with_overrides(merge_pending_timeout=0.001)
@@ -224,7 +204,8 @@ async def test_promise_13_a_merge_that_can_never_apply_ends_failed(
     async with running(all_in_one.create_app(quiet)) as api:
         org = await provision_org(api)
         minted = await mint_contact_token(api, org, userId="ada")
-        first, said = await browse_then_login(api, org, minted["token"])
+        chat = await chat_anonymously(api, org)
+        first, said = chat.session, chat.conversation_id
         merge = await login(api, org, first["visitorToken"], minted["token"])
         # Erased before its merge could apply: the merge never can.
         erased = await api.delete(f"/v1/contacts/{minted['contactId']}", token=org.api_key)

@@ -16,6 +16,7 @@ from services import all_in_one
 from services.history.consumers import GROUP
 from shared import tracing
 from shared.config import Settings
+from tests.support.journeys import chat_anonymously, log_in
 from tests.support.server import eventually, running
 from tests.support.tokens import mint_contact_token, provision_org
 
@@ -66,26 +67,9 @@ async def test_a_login_merge_is_one_trace_from_the_request_to_the_consumers_tran
 ) -> None:
     async with running(all_in_one.create_app(settings)) as api:
         org = await provision_org(api)
-        first = await api.post(
-            "/widget/sessions", json={"widgetToken": org.widget_token}, headers=ORIGIN
-        )
-        assert first.status == 200, first.body
-        said = await api.post(
-            "/v1/conversations",
-            json={"sessionId": first.body["sessionId"], "message": {"text": "before login"}},
-            token=org.api_key,
-        )
-        assert said.status == 201, said.body
+        chat = await chat_anonymously(api, org)
         minted = await mint_contact_token(api, org, userId="ada", email="ada@example.com")
-        login = await api.post(
-            "/widget/sessions",
-            json={
-                "widgetToken": org.widget_token,
-                "visitorToken": first.body["visitorToken"],
-                "user": {"token": minted["token"]},
-            },
-            headers=ORIGIN,
-        )
+        login = await log_in(api, org, chat.session["visitorToken"], minted["token"])
         assert login.status == 200, login.body
         merge_id = login.body["merge"]["id"]
 
