@@ -179,7 +179,8 @@ class WidgetTokenDirectory:
         return await self._cached(
             token_hash,
             pool,
-            """SELECT w.id, w.org_id, w.allowed_origins, w.settings
+            """SELECT w.id, w.org_id, w.allowed_origins, w.settings,
+                      false AS revoked, false AS org_disabled
                FROM widget_tokens w JOIN orgs o ON o.id = w.org_id
                WHERE w.token_hash = $1 AND w.revoked_at IS NULL AND o.disabled_at IS NULL""",
             token_hash,
@@ -209,8 +210,8 @@ class WidgetTokenDirectory:
                 org_id=str(row["org_id"]),
                 allowed_origins=frozenset(row["allowed_origins"]),
                 settings=widget_settings_from_row(row["settings"]),
-                revoked=row.get("revoked", False),
-                org_disabled=row.get("org_disabled", False),
+                revoked=row["revoked"],
+                org_disabled=row["org_disabled"],
             )
 
         return await self._cache.get(cache_key, load)
