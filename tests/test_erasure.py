@@ -383,7 +383,13 @@ async def test_erasure_racing_many_merges_into_the_contact_leaves_nothing_behind
     requests = [
         merge_request(org, target_contact_id=contact, source_visitor_id=v) for v in visitors
     ]
-    wide = await create_pool(settings.with_overrides(db_pool_max=30, db_pool_min=30))
+    # Merges queue behind each other's locks as long as a statement may run (the consumer's
+    # retry of a request-path lock timeout is not what this test is about).
+    wide = await create_pool(
+        settings.with_overrides(
+            db_pool_max=30, db_pool_min=30, db_lock_timeout=settings.db_statement_timeout
+        )
+    )
     try:
         outbox = Outbox(settings.events_stream)
 

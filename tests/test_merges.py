@@ -314,8 +314,15 @@ async def test_merge_into_a_missing_or_same_scope_fails_and_moves_nothing(
 
 async def apply_all_at_once(settings: Settings, org: Org, requests: list[Any]) -> list[str]:
     """Every merge in its own transaction, all at once, none retried (a pool wide enough that
-    none waits for a connection)."""
-    wide = await create_pool(settings.with_overrides(db_pool_max=len(requests)))
+    none waits for a connection). Transactions queue behind each other's locks as long as a
+    statement may run: the request path's short lock_timeout (a bulkhead: the real consumer
+    retries what it ends) would otherwise turn the queueing this test is about into
+    errors it is not about."""
+    wide = await create_pool(
+        settings.with_overrides(
+            db_pool_max=len(requests), db_lock_timeout=settings.db_statement_timeout
+        )
+    )
     try:
         outbox = Outbox(settings.events_stream)
         return await asyncio.gather(*(apply_without_retry(wide, outbox, org, r) for r in requests))
