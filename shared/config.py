@@ -48,6 +48,14 @@ class Settings:
     # Contact-token algorithms the verifier accepts; the first one signs new keys.
     token_algorithms: tuple[str, ...] = ("EdDSA",)
     stream_prefix: str = "wi:"
+    # Event streams: one (``<prefix>events``) or, past what one Redis shard or one consumer
+    # carries, N partitions by a stable hash of the subject (shared.bus.partitions).
+    stream_partitions: int = 1
+    # A consumer process that has not shown itself alive for this long loses its partitions
+    # to the others (with STREAM_PARTITIONS > 1; a clean stop hands them over at once).
+    consumer_lease_seconds: float = 10.0
+    # Redis Cluster client everywhere (stream keys then always carry hash tags).
+    redis_cluster: bool = False
     log_level: str = "INFO"
     log_json: bool = True
     # SIGTERM: readiness turns 503 at once; the drain delay, in-flight requests and the
@@ -104,10 +112,29 @@ class Settings:
 
     @property
     def events_stream(self) -> str:
+        """The one events stream's name when there is one partition (tests, the CLI's
+        defaults); code that publishes or reads uses ``event_streams``."""
         return f"{self.stream_prefix}events"
 
-    def dead_letter_stream(self, group: str) -> str:
-        return f"{self.stream_prefix}events:dlq:{group}"
+    @property
+    def event_streams(self) -> tuple[str, ...]:
+        """Every partition's stream, in partition order (which subject goes where:
+        shared.bus.partitions). One partition keeps the one stream's name; otherwise each
+        name carries its partition as a Redis Cluster hash tag (``wi:events:{2}``), so the
+        partitions spread over the shards and every key of one partition (its dead letters,
+        its publish mark) sits in its slot. On a cluster even a lone partition is tagged."""
+        if self.stream_partitions == 1 and not self.redis_cluster:
+            return (self.events_stream,)
+        return tuple(f"{self.events_stream}:{{{p}}}" for p in range(self.stream_partitions))
+
+    def dead_letter_stream(self, group: str, stream: str | None = None) -> str:
+        """Where ``group`` parks what it gives up on in ``stream`` (default: the one
+        partition's): beside the stream, in its hash slot."""
+        return f"{stream or self.event_streams[0]}:dlq:{group}"
+
+    def dead_letter_pattern(self) -> str:
+        """A SCAN pattern matching every group's dead letters of every partition."""
+        return f"{self.events_stream}*:dlq:*"
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -176,6 +203,19 @@ class Settings:
                 "REDIS_MAX_CONNECTIONS", int, defaults.redis_max_connections, check=_positive
             ),
             relay_enabled=reader.get("RELAY_ENABLED", _boolean, defaults.relay_enabled),
+            stream_partitions=reader.get(
+                "STREAM_PARTITIONS",
+                int,
+                defaults.stream_partitions,
+                check=lambda v: 1 <= v <= 1024,
+            ),
+            consumer_lease_seconds=reader.get(
+                "CONSUMER_LEASE_SECONDS",
+                float,
+                defaults.consumer_lease_seconds,
+                check=lambda v: v >= 1,
+            ),
+            redis_cluster=reader.get("REDIS_CLUSTER", _boolean, defaults.redis_cluster),
             stream_retention_seconds=reader.get(
                 # Not below a minute: the revocation listener XREADs the stream without a
                 # group, so only time protects what it has not read yet.

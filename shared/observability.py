@@ -92,7 +92,9 @@ EVENTS_REDRIVEN = Counter(
     "Published events put back in the outbox because Redis lost them",
 )
 OUTBOX_BACKLOG = Gauge("wi_outbox_backlog", "Unpublished outbox rows seen by the relay")
-STREAM_ENTRIES = Gauge("wi_stream_entries", "Entries in the events stream after the last trim")
+STREAM_ENTRIES = Gauge(
+    "wi_stream_entries", "Entries in an events stream (partition) after its last trim", ["stream"]
+)
 STREAM_TRIMMED = Counter(
     "wi_stream_trimmed_total", "Events-stream entries trimmed (acknowledged by every group)"
 )

@@ -19,7 +19,7 @@ def service_app(settings: Settings, *, name: str) -> web.Application:
     the outbox relay and the events stream's retention. Builds objects only; every connection opens at start-up."""
     configure_tracing(settings, service_name=name)  # once per process, before any Application
     app = base_app(settings, name=name)
-    app[OUTBOX] = Outbox(settings.events_stream)
+    app[OUTBOX] = Outbox(settings.event_streams)
     app[API_KEYS] = ApiKeyAuthenticator()
     # Every process that checks API keys runs the revocation listener, so a revoked key (or a
     # disabled org) is refused on every replica within a second.

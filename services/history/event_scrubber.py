@@ -68,13 +68,18 @@ class EventScrubber:
         needles = [subject.encode() for subject in row["subjects"]]
         removed = await self._delete_recorded(row["streams"], row["entry_ids"])
         tails = dict(zip(row["tail_streams"], row["tail_after"], strict=True))
-        for stream in {self._settings.events_stream, *row["streams"]}:
+        # Every partition: the person's browsers are subjects of their own, so their events
+        # may sit in other partitions than the contact's. Only the erasure's own partition
+        # holds the ``until`` entry; the others are scanned to their end, which may also
+        # remove a later event naming the tombstone (its merge request then fails from
+        # Postgres, by the overdue-merge worker, instead of by its event).
+        for stream in {*self._settings.event_streams, *row["streams"]}:
             start = "(" + tails[stream] if stream in tails else "-"
             removed += await self._delete_naming(
                 stream, needles, start=start, until=erased_event_id.encode()
             )
         async for key in self._redis.scan_iter(
-            match=self._settings.dead_letter_stream("*"), _type="stream", count=1000
+            match=self._settings.dead_letter_pattern(), _type="stream", count=1000
         ):
             removed += await self._delete_naming(key, needles, start="-")
         await conn.execute(

@@ -26,6 +26,7 @@ from shared import db
 from shared.bus.dead_letters import FailurePolicy
 from shared.bus.events import EVENT_FIELD, AnyEvent, Event, event_decoder, header_decoder
 from shared.bus.handlers import Batched, BatchHandler, Handler, PoisonMessage
+from shared.bus.leases import Lease, LeaseLost
 from shared.bus.messages import Message, Outcome
 from shared.config import Settings
 from shared.observability import EVENT_LAG, EVENTS_CONSUMED
@@ -43,6 +44,14 @@ MAX_EVENTS_PER_TRANSACTION = 32
 # then counts under its own outcome too).
 BATCH_SPLIT = "batch_split"
 
+# Failures that say nothing about the message (infrastructure, or the partition went to
+# another process): the message is retried, never dead-lettered.
+_NOT_THE_MESSAGE: tuple[type[BaseException], ...] = (
+    *db.TRANSIENT_DB_ERRORS,
+    *TRANSIENT_REDIS_ERRORS,
+    LeaseLost,
+)
+
 _Item = tuple[int, Message, AnyEvent]
 """A batchable message of a round: its place in the round, the message, its event."""
 
@@ -56,8 +65,12 @@ class Applier:
         *,
         group: str,
         handlers: Mapping[type[Event], Handler],
+        lease: Lease | None = None,
     ) -> None:
         self.pool = pool
+        # With partitions: every apply transaction first checks this process still owns the
+        # partition (shared.bus.leases), and holds that true until it commits.
+        self._lease = lease
         self.group = group
         self._failures = failures
         self._concurrency = settings.consumer_concurrency
@@ -82,8 +95,9 @@ class Applier:
                         await db.in_transaction(self.pool, lambda conn: self._apply(event, conn))
                     self._observe_lag([event])
                     outcome = Outcome.APPLIED
-            except (*db.TRANSIENT_DB_ERRORS, *TRANSIENT_REDIS_ERRORS):
-                # Infrastructure, not the message: never dead-letter for this.
+            except _NOT_THE_MESSAGE:
+                # Infrastructure (or the partition went to another process), not the
+                # message: never dead-letter for this.
                 self._count(Outcome.RETRY)
                 raise
             except Exception as exc:
@@ -141,7 +155,7 @@ class Applier:
                     await db.in_transaction(
                         self.pool, lambda conn: self._apply_many(many, events, conn)
                     )
-            except (*db.TRANSIENT_DB_ERRORS, *TRANSIENT_REDIS_ERRORS):
+            except _NOT_THE_MESSAGE:
                 # Infrastructure, not the messages: never dead-letter for this.
                 self._count(Outcome.RETRY, len(items))
                 raise
@@ -175,6 +189,8 @@ class Applier:
             raise PoisonMessage(f"undecodable event: {exc}") from exc
 
     async def _apply(self, event: AnyEvent, conn: asyncpg.Connection) -> None:
+        if self._lease is not None:
+            await self._lease.fence(conn)
         first_time = await conn.fetchval(
             """INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2)
                ON CONFLICT DO NOTHING RETURNING true""",
@@ -187,6 +203,8 @@ class Applier:
     async def _apply_many(
         self, many: BatchHandler, events: list[AnyEvent], conn: asyncpg.Connection
     ) -> None:
+        if self._lease is not None:
+            await self._lease.fence(conn)
         ids = [uuid.UUID(event.id) for event in events]
         # Sorted, so two transactions racing on the same ids wait for each other in order.
         rows = await conn.fetch(

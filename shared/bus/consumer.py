@@ -27,6 +27,7 @@ from shared.bus.applier import Applier
 from shared.bus.dead_letters import FailurePolicy
 from shared.bus.events import Event
 from shared.bus.handlers import Handler
+from shared.bus.leases import Lease
 from shared.bus.messages import Message
 from shared.bus.ordering import SubjectOrder
 from shared.bus.outbox import OUTBOX, Outbox
@@ -52,17 +53,24 @@ class StreamConsumer:
         handlers: Mapping[type[Event], Handler],
         consumer_name: str | None = None,
         stream: str | None = None,
+        lease: Lease | None = None,
     ) -> None:
+        """``stream``: the one partition this reads (default: the only one). ``lease``: this
+        process's ownership of that partition, when the group shares several
+        (shared.bus.partitioned_consumer); None when every consumer reads the stream."""
         if not group:
             raise ValueError("a consumer needs a group name")
         self.settings = settings
         self.redis = redis
         self.group = group
         self.consumer = consumer_name or default_consumer_name()
-        self.stream = stream or settings.events_stream
+        self.stream = stream or settings.event_streams[0]
         failures = FailurePolicy(settings, redis, stream=self.stream, group=group)
         self.dead_letters = failures.dead_letters
-        self._applier = Applier(settings, pool, failures, group=group, handlers=handlers)
+        self._lease = lease
+        self._applier = Applier(
+            settings, pool, failures, group=group, handlers=handlers, lease=lease
+        )
         self._order = SubjectOrder(settings.consumer_claim_idle_ms)
         self._claim_cursor = b"0-0"
         self._next_claim = 0.0
@@ -82,8 +90,9 @@ class StreamConsumer:
         while not stop.is_set():
             try:
                 await self.ensure_group()
-                # Our own pending entries first (a restart under the same name).
-                await self._handle(await self._read("0"))
+                if self._lease is not None:
+                    await self._take_over_pending()
+                await self._drain_own_pending()
                 while not stop.is_set():
                     handled = await self.poll_once()
                     # Redis and Postgres answer again: the next outage starts from a short
@@ -111,6 +120,11 @@ class StreamConsumer:
 
     async def poll_once(self) -> int:
         """Reclaim idle messages, then read new ones; return how many were handled."""
+        if self._lease is not None and not self._lease.fresh():
+            # Our partition may go to another process any moment (no recent heartbeat):
+            # whatever we read now could overtake what it reads.
+            await asyncio.sleep(0.1)
+            return 0
         handled = 0
         now = time.monotonic()
         # Reclaiming is a scan of the pending list: do it a few times per idle period, not
@@ -120,6 +134,39 @@ class StreamConsumer:
             handled = await self._handle(await self._reclaim())
         messages = await self._read(">", block=self._block_ms if not handled else None)
         return handled + await self._handle(messages)
+
+    async def _drain_own_pending(self) -> None:
+        """Our own pending entries first, all of them, in stream order, before anything new
+        (a restart under the same name; what a partition's previous owner left)."""
+        after = "0"
+        while True:
+            messages = await self._read(after)
+            if not messages:
+                return
+            await self._handle(messages)
+            after = messages[-1].id.decode()
+
+    async def _take_over_pending(self) -> None:
+        """A partition just taken: everything the group still has pending on it (what its
+        previous owner read and did not ack) becomes ours, to handle first and in order. The
+        previous owner stopped reading it, or lost the lease and can apply nothing more."""
+        cursor: bytes | str = "0-0"
+        while True:
+            reply = cast(
+                Any,
+                await self.redis.xautoclaim(
+                    self.stream,
+                    self.group,
+                    self.consumer,
+                    min_idle_time=0,
+                    start_id=cursor,
+                    count=1000,
+                    justid=True,
+                ),
+            )
+            cursor = reply[0]
+            if cursor in (b"0-0", "0-0"):
+                return
 
     async def _reclaim(self) -> list[Message]:
         reply = await self.redis.xautoclaim(
@@ -180,12 +227,18 @@ def add_consumer(
     group: str,
     handlers: Callable[[Outbox], Mapping[type[Event], Handler]],
 ) -> None:
-    """Run a consumer group's ``StreamConsumer`` for the app's lifetime. ``handlers`` gets
-    the app's outbox, so handlers can emit follow-up events in their own transaction."""
+    """Run a consumer group's member for the app's lifetime: a ``StreamConsumer`` of the one
+    stream, or, with several partitions, a ``PartitionedConsumer`` that reads its share of
+    them. ``handlers`` gets the app's outbox, so handlers can emit follow-up events in their
+    own transaction."""
+    # Imported here: the partitioned consumer builds on StreamConsumer, in this module.
+    from shared.bus.partitioned_consumer import PartitionedConsumer
 
     def factory(app: web.Application) -> Worker:
-        return StreamConsumer(
-            app[SETTINGS],
+        settings = app[SETTINGS]
+        kind = PartitionedConsumer if len(settings.event_streams) > 1 else StreamConsumer
+        return kind(
+            settings,
             app[db.DB_POOL],
             app[WORKER_REDIS],
             group=group,

@@ -3,8 +3,9 @@ operator tools to list and replay them (``widget-identity dlq list|replay``).
 
 A message whose handling failed is retried until its CONSUMER_MAX_DELIVERIES-th delivery,
 unless it is poison (``PoisonMessage``: it can never succeed), which goes at once. Either
-way it lands in ``<prefix>events:dlq:<group>`` atomically with its ack, so it is never acked
-without its entry.
+way it lands in ``<stream>:dlq:<group>``, beside the partition it came from (so in its hash
+slot), atomically with its ack, so it is never acked without its entry. Replaying puts it
+back on that partition, where its subject's other events are.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class FailurePolicy:
         self.redis = redis
         self.stream = stream
         self.group = group
-        self.dead_letters = settings.dead_letter_stream(group)
+        self.dead_letters = settings.dead_letter_stream(group, stream)
         self._max_deliveries = settings.consumer_max_deliveries
 
     async def after_failure(self, message: Message, exc: Exception) -> Outcome:
@@ -77,33 +78,39 @@ class FailurePolicy:
 async def dead_letters(
     redis: aioredis.Redis, settings: Settings, group: str, *, count: int = 100
 ) -> list[dict[str, str]]:
-    entries = stream_entries(await redis.xrange(settings.dead_letter_stream(group), count=count))
-    return [
-        {"id": as_str(mid), **{as_str(k): as_str(v) for k, v in (fields or {}).items()}}
-        for mid, fields in entries
-    ]
+    """The group's first ``count`` dead letters of each partition, partition by partition
+    (each entry names its ``stream``: the partition it came from)."""
+    found: list[dict[str, str]] = []
+    for stream in settings.event_streams:
+        dlq = settings.dead_letter_stream(group, stream)
+        for mid, fields in stream_entries(await redis.xrange(dlq, count=count)):
+            entry = {as_str(k): as_str(v) for k, v in (fields or {}).items()}
+            found.append({"id": as_str(mid), "stream": stream, **entry})
+    return found
 
 
 async def replay_dead_letters(
     redis: aioredis.Redis, settings: Settings, group: str, *, count: int | None = None
 ) -> int:
-    """Put dead letters back on the events stream (same event ids, so consumers that already
-    applied them skip them) and remove them from the dead-letter stream: a batch at a time,
-    each batch moved atomically (MULTI), in their original order."""
-    stream = settings.dead_letter_stream(group)
+    """Put dead letters back on the partition they came from (same event ids, so consumers
+    that already applied them skip them) and remove them from the dead-letter stream: a batch
+    at a time, each batch moved atomically (MULTI, within the partition's hash slot), in
+    their original order. ``count`` bounds the total over all partitions."""
     replayed = 0
     started = time.monotonic()
-    while count is None or replayed < count:
-        want = _REPLAY_BATCH if count is None else min(_REPLAY_BATCH, count - replayed)
-        batch = stream_entries(await redis.xrange(stream, count=want))
-        if not batch:
-            break
-        pipe = redis.pipeline(transaction=True)
-        for _mid, fields in batch:
-            pipe.xadd(settings.events_stream, {EVENT_FIELD: (fields or {}).get(EVENT_FIELD, b"")})
-        pipe.xdel(stream, *(mid for mid, _fields in batch))
-        await pipe.execute()
-        replayed += len(batch)
+    for partition in settings.event_streams:
+        dlq = settings.dead_letter_stream(group, partition)
+        while count is None or replayed < count:
+            want = _REPLAY_BATCH if count is None else min(_REPLAY_BATCH, count - replayed)
+            batch = stream_entries(await redis.xrange(dlq, count=want))
+            if not batch:
+                break
+            pipe = redis.pipeline(transaction=True)
+            for _mid, fields in batch:
+                pipe.xadd(partition, {EVENT_FIELD: (fields or {}).get(EVENT_FIELD, b"")})
+            pipe.xdel(dlq, *(mid for mid, _fields in batch))
+            await pipe.execute()
+            replayed += len(batch)
     log.info(
         "replayed dead letters",
         extra={"group": group, "count": replayed, "seconds": time.monotonic() - started},

@@ -12,6 +12,7 @@ import logging
 import re
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -21,16 +22,12 @@ import msgspec
 from aiohttp import web
 
 from shared.bus.events import Event
+from shared.bus.partitions import partition_sql, stream_of
 from shared.tracing import current_traceparent
 
 log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Event)
-
-# One relay publishes at a time (leader by advisory lock): that keeps per-subject order
-# without any coordination between replicas.
-_RELAY_LOCK_KEY = 0x5749_5245  # "WIRE"
-_NOTIFY_CHANNEL = "wi_outbox"
 
 
 class Late:
@@ -77,8 +74,15 @@ _COLUMN = re.compile(r"^[a-z_][a-z0-9_]*$")
 class Outbox:
     """Writes events into the outbox, in the same transaction (or statement) as the change."""
 
-    def __init__(self, stream: str) -> None:
-        self.stream = stream
+    def __init__(self, streams: str | Sequence[str]) -> None:
+        """``streams``: the events stream, or every partition's (``Settings.event_streams``);
+        each event goes to its subject's partition (shared.bus.partitions)."""
+        self.streams = (streams,) if isinstance(streams, str) else tuple(streams)
+        if not self.streams:
+            raise ValueError("an outbox needs at least one stream")
+
+    def stream_for(self, subject: str) -> str:
+        return stream_of(subject, self.streams)
 
     async def emit(
         self,
@@ -158,7 +162,19 @@ class Outbox:
                 raise RuntimeError("late event field not found exactly once in the payload")
             cuts.append((payload.index(needle), needle, expression))
         cuts.sort()
-        params: list[Any] = [uuid.UUID(event.id), self.stream, event_type.type_name()]
+        # The stream: one, or the subject's partition, computed in the statement because the
+        # subject may be a ``Late`` value only the statement knows.
+        streams_param = f"${first_param + 1}"
+        if len(self.streams) == 1:
+            stream_sql = streams_param
+            streams: Any = self.streams[0]
+        else:
+            stream_sql = (
+                f"({streams_param}::text[])[1 + "
+                f"{partition_sql(f'{source}.subject', f'cardinality({streams_param}::text[])')}]"
+            )
+            streams = list(self.streams)
+        params: list[Any] = [uuid.UUID(event.id), streams, event_type.type_name()]
         parts: list[str] = []
         at = 0
         n = first_param + len(params)
@@ -178,7 +194,7 @@ class Outbox:
             f"ON CONFLICT (subject) DO UPDATE SET seq = subject_seqs.seq + 1 RETURNING seq), "
             f"event_row AS ("
             f"INSERT INTO outbox (event_id, stream, event_type, payload) "
-            f"SELECT ${first_param}, ${first_param + 1}, ${first_param + 2}, {' || '.join(parts)} "
+            f"SELECT ${first_param}, {stream_sql}, ${first_param + 2}, {' || '.join(parts)} "
             f"FROM {source}, {seq_cte})"
         )
         return EventInsert(ctes=ctes, params=params, seq_cte=seq_cte, event=event)

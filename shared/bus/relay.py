@@ -1,9 +1,12 @@
 """The outbox relay: moves committed outbox rows to their Redis streams, in order, and puts
 them there again when Redis loses them.
 
-One relay publishes at a time (leader by advisory lock, woken by NOTIFY): that keeps
-per-subject order without any coordination between replicas. A crash between XADD and the
-"published" mark publishes a row twice; consumers are idempotent by event id.
+One relay publishes each stream partition at a time (it owns the partition by an advisory
+lock, and is woken by NOTIFY): that keeps per-subject order without any other coordination
+between replicas. Every replica runs a relay; each takes the partitions nobody holds, checks
+again every few seconds, and a replica that dies frees its partitions with its connection,
+so the others take them over. A crash between XADD and the "published" mark publishes a row
+twice; consumers are idempotent by event id.
 
 **Redis losing data** (a failover to a lagging replica, a restart without persistence, a
 lost volume) must not lose a promised event: Postgres is the source of truth. So:
@@ -43,6 +46,8 @@ from shared.tracing import publishing
 
 log = logging.getLogger(__name__)
 
+# One partition: the one lock every version took (a rolling upgrade keeps one leader).
+# Several: the pair (_RELAY_LOCK_KEY, partition), a different lock space in Postgres.
 _RELAY_LOCK_KEY = 0x5749_5245  # "WIRE"
 _NOTIFY_CHANNEL = "wi_outbox"
 
@@ -61,7 +66,8 @@ class StreamLost(Exception):
 
 
 class OutboxRelay:
-    """Publishes committed outbox rows to their streams; one leader among all replicas."""
+    """Publishes committed outbox rows to their streams; one leader per partition among all
+    replicas."""
 
     # Retry pauses, capped well below 10 s: events flow again within seconds of Postgres and
     # Redis coming back after an outage of any length (see tests/test_faults.py).
@@ -90,6 +96,9 @@ class OutboxRelay:
         # Per stream: the highest outbox id this leader knows Redis was given (0: nothing
         # known, so nothing to miss). Read from Postgres on first sight of a stream.
         self._published: dict[str, int] = {}
+        self._streams = settings.event_streams
+        # The partitions (their streams) this relay holds the lock of, on its connection.
+        self.owned: list[str] = []
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -103,18 +112,25 @@ class OutboxRelay:
 
     async def _lead_while_possible(self, stop: asyncio.Event) -> None:
         conn = await asyncpg.connect(self._settings.database_url, timeout=10)
+        self.owned = []
         try:
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK_KEY):
-                # Someone else leads; check again later (their connection dying frees the lock).
+            while not await self._take_free_partitions(conn):
+                # Others hold every partition; check again later (a holder's connection dying
+                # frees its locks).
                 if await sleep_or_stop(stop, 5 * self._poll_interval):
                     return
             await conn.add_listener(_NOTIFY_CHANNEL, self._on_notify)
-            log.info("outbox relay is leader")
             # A new leader trusts nothing a previous one remembered.
             self._published.clear()
             loop = asyncio.get_running_loop()
             pruned_at = checkpointed_at = 0.0
+            claimed_at = loop.time()
             while not stop.is_set():
+                if len(self.owned) < len(self._streams) and (
+                    loop.time() - claimed_at > 5 * self._poll_interval
+                ):
+                    await self._take_free_partitions(conn)
+                    claimed_at = loop.time()
                 published = await self._publish_or_redrive(conn)
                 self._backoff = self._MIN_BACKOFF
                 if loop.time() - checkpointed_at > self._checkpoint_interval:
@@ -128,7 +144,28 @@ class OutboxRelay:
                 if published < self._batch:
                     await self._idle(stop)
         finally:
+            self.owned = []
             await conn.close(timeout=5)
+
+    async def _take_free_partitions(self, conn: asyncpg.Connection) -> bool:
+        """Lock every partition nobody holds (on ``conn``, for as long as it lives); True if
+        this relay now holds any."""
+        taken = []
+        for partition, stream in enumerate(self._streams):
+            if stream in self.owned:
+                continue
+            if len(self._streams) == 1:
+                locked = await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK_KEY)
+            else:
+                locked = await conn.fetchval(
+                    "SELECT pg_try_advisory_lock($1::int, $2::int)", _RELAY_LOCK_KEY, partition
+                )
+            if locked:
+                taken.append(stream)
+        if taken:
+            self.owned = [s for s in self._streams if s in self.owned or s in taken]
+            log.info("outbox relay leads partitions", extra={"streams": taken})
+        return bool(self.owned)
 
     async def _idle(self, stop: asyncio.Event) -> None:
         self._wake.clear()
@@ -156,11 +193,24 @@ class OutboxRelay:
         """Publish the oldest unpublished rows; raise ``StreamLost`` (publishing nothing as
         far as Postgres is concerned) when Redis turns out to have lost earlier writes."""
         async with conn.transaction():
-            rows = await conn.fetch(
-                """SELECT id, stream, payload FROM outbox
-                   WHERE published_at IS NULL ORDER BY id LIMIT $1""",
-                self._batch,
-            )
+            if len(self.owned) == len(self._streams) == 1:
+                rows = await conn.fetch(
+                    """SELECT id, stream, payload FROM outbox
+                       WHERE published_at IS NULL ORDER BY id LIMIT $1""",
+                    self._batch,
+                )
+            else:
+                # Only this relay's partitions (few rows wait unpublished: the partial
+                # index's short tail is filtered). Rows of a stream outside the configured
+                # partitions wait for the relay of a deployment that has it (changing the
+                # partition count: docs/architecture.md, "Partitions").
+                rows = await conn.fetch(
+                    """SELECT id, stream, payload FROM outbox
+                       WHERE published_at IS NULL AND stream = ANY($2::text[])
+                       ORDER BY id LIMIT $1""",
+                    self._batch,
+                    self.owned,
+                )
             if not rows:
                 OUTBOX_BACKLOG.set(0)
                 return 0
@@ -311,7 +361,7 @@ class OutboxRelay:
 
 
 def add_relay(app: web.Application) -> None:
-    """Run the outbox relay in this process (it only publishes while it holds the lock)."""
+    """Run the outbox relay in this process (it publishes the partitions whose lock it holds)."""
 
     def factory(app: web.Application) -> Worker:
         return OutboxRelay(app[SETTINGS], app[WORKER_REDIS]).run

@@ -93,28 +93,29 @@ async def trim_stream(redis: aioredis.Redis, stream: str, *, retention_ms: int) 
         return 0
     removed = int(await redis.xtrim(stream, minid=f"{bound[0]}-{bound[1]}", approximate=False))
     STREAM_TRIMMED.inc(removed)
-    STREAM_ENTRIES.set(await redis.xlen(stream))
+    STREAM_ENTRIES.labels(stream).set(await redis.xlen(stream))
     return removed
 
 
 class StreamRetention:
     def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
-        self._stream = settings.events_stream
+        self._streams = settings.event_streams
         self._redis = redis
         self._retention_ms = int(settings.stream_retention_seconds * 1000)
         self._interval = settings.stream_trim_interval
 
     async def run(self, stop: asyncio.Event) -> None:
         while not await sleep_or_stop(stop, self._interval):
-            try:
-                removed = await trim_stream(
-                    self._redis, self._stream, retention_ms=self._retention_ms
-                )
-            except TRANSIENT_REDIS_ERRORS as exc:
-                log.warning("stream trim skipped", extra={"error": repr(exc)})
-                continue
-            if removed:
-                log.info("stream trimmed", extra={"stream": self._stream, "removed": removed})
+            for stream in self._streams:  # one partition per call: each has its own slot
+                try:
+                    removed = await trim_stream(
+                        self._redis, stream, retention_ms=self._retention_ms
+                    )
+                except TRANSIENT_REDIS_ERRORS as exc:
+                    log.warning("stream trim skipped", extra={"error": repr(exc)})
+                    continue
+                if removed:
+                    log.info("stream trimmed", extra={"stream": stream, "removed": removed})
 
 
 def add_stream_retention(app: web.Application) -> None:

@@ -317,7 +317,7 @@ class RevocationListener:
         # XREAD BLOCK shares the client's socket timeout: keep it inside.
         self._block_ms = block_within_timeout(settings, block_ms)
         self._channel = revocation_channel(settings)
-        self._stream = settings.events_stream
+        self._streams = settings.event_streams
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -344,11 +344,16 @@ class RevocationListener:
             await pubsub.subscribe(self._channel)
             # Start after the stream's current last entry; go live (clearing every cache) only
             # once both feeds are in place, so no invalidation can fall between them.
-            last = await self._stream_tail()
+            tails = [await self._stream_tail(stream) for stream in self._streams]
             self._feed.set_live(True)
             feeds = [
                 asyncio.create_task(self._pump_pubsub(pubsub)),
-                asyncio.create_task(self._pump_stream(last)),
+                # One reader per partition: an XREAD of several would be cross-slot on a
+                # cluster.
+                *(
+                    asyncio.create_task(self._pump_stream(stream, last))
+                    for stream, last in zip(self._streams, tails, strict=True)
+                ),
                 asyncio.create_task(stop.wait()),
             ]
             try:
@@ -366,8 +371,8 @@ class RevocationListener:
             with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
                 await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed only in newer redis-py
 
-    async def _stream_tail(self) -> bytes:
-        entries = cast(list[tuple[bytes, Any]], await self._redis.xrevrange(self._stream, count=1))
+    async def _stream_tail(self, stream: str) -> bytes:
+        entries = cast(list[tuple[bytes, Any]], await self._redis.xrevrange(stream, count=1))
         return entries[0][0] if entries else b"0-0"
 
     async def _pump_pubsub(self, pubsub: aioredis.client.PubSub) -> None:
@@ -387,9 +392,9 @@ class RevocationListener:
             if isinstance(data, bytes):
                 self._feed.apply(data)
 
-    async def _pump_stream(self, last: bytes) -> None:
+    async def _pump_stream(self, stream: str, last: bytes) -> None:
         while True:
-            reply = await self._redis.xread({self._stream: last}, count=500, block=self._block_ms)
+            reply = await self._redis.xread({stream: last}, count=500, block=self._block_ms)
             for _stream, entries in cast(list[tuple[bytes, Any]], reply or []):
                 for entry_id, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], entries):
                     last = entry_id

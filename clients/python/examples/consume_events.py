@@ -48,17 +48,28 @@ async def consume(
     group: str,
     consumer: str | None = None,
     stream_prefix: str = "wi:",
+    partitions: int = 1,
     stop: asyncio.Event | None = None,
     handler: Handler = handle,
     block_ms: int = 5000,
 ) -> None:
-    """Read ``{stream_prefix}events`` as ``consumer`` of ``group`` until ``stop`` is set."""
+    """Read every partition of the server's events as ``consumer`` of ``group`` until
+    ``stop`` is set: one ``EventConsumer`` per partition, side by side."""
     redis = aioredis.from_url(redis_url)
     try:
-        consumer_group = EventConsumer(
-            redis, group=group, consumer=consumer, stream_prefix=stream_prefix, block_ms=block_ms
-        )
-        await consumer_group.run(handler, stop=stop)
+        readers = [
+            EventConsumer(
+                redis,
+                group=group,
+                consumer=consumer,
+                stream_prefix=stream_prefix,
+                block_ms=block_ms,
+                partition=partition,
+                partitions=partitions,
+            )
+            for partition in range(partitions)
+        ]
+        await asyncio.gather(*(reader.run(handler, stop=stop) for reader in readers))
     finally:
         await redis.aclose()
 
@@ -87,6 +98,7 @@ async def main() -> None:
     parser.add_argument("--group", default="example-consumer")
     parser.add_argument("--consumer", default=None, help="default: host-pid")
     parser.add_argument("--stream-prefix", default="wi:", help="the server's STREAM_PREFIX")
+    parser.add_argument("--partitions", type=int, default=1, help="the server's STREAM_PARTITIONS")
     args = parser.parse_args()
     if not args.redis_url:
         parser.error("no --redis-url, no REDIS_URL, and no running `make run` found (.devdata/env)")
@@ -100,6 +112,7 @@ async def main() -> None:
         group=args.group,
         consumer=args.consumer,
         stream_prefix=args.stream_prefix,
+        partitions=args.partitions,
         stop=stop,
     )
 

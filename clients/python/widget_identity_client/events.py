@@ -14,6 +14,11 @@ acknowledged and skipped, as the contract says to.
 
     consumer = EventConsumer(redis, group="crm-sync", consumer="worker-1")
     await consumer.run(handle)   # handle(event: AnyEvent) -> Awaitable[None]
+
+A server with ``STREAM_PARTITIONS`` > 1 writes each subject's events to one of several
+streams (``event_streams``): run one ``EventConsumer`` per partition (``partition=i``), in
+one process or spread over several. A subject's events are in one partition, in order; read
+each partition with one process at a time to handle them in that order.
 """
 
 from __future__ import annotations
@@ -99,12 +104,27 @@ def _entries(reply: Any) -> list[_Entry]:
     return found
 
 
+def event_streams(
+    stream_prefix: str = DEFAULT_PREFIX, *, partitions: int = 1, cluster: bool = False
+) -> list[str]:
+    """The server's event streams, in partition order, as it names them for its
+    ``STREAM_PREFIX``, ``STREAM_PARTITIONS`` and ``REDIS_CLUSTER``: one partition is
+    ``<prefix>events``; otherwise (or on a cluster) each carries its partition as a hash tag,
+    ``<prefix>events:{i}``."""
+    if partitions < 1:
+        raise ValueError("partitions must be at least 1")
+    if partitions == 1 and not cluster:
+        return [f"{stream_prefix}events"]
+    return [f"{stream_prefix}events:{{{i}}}" for i in range(partitions)]
+
+
 def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class EventConsumer:
-    """Reads ``{stream_prefix}events`` as one consumer of a consumer group.
+    """Reads one event stream (partition ``partition`` of ``partitions``; the server's one
+    stream by default) as one consumer of a consumer group.
 
     ``start_id``: where a group created here starts: ``"0"`` (default) is every event still
     in the stream, ``"$"`` only events published from now on. ``batch`` entries per read;
@@ -121,13 +141,19 @@ class EventConsumer:
         start_id: str = "0",
         batch: int = 10,
         block_ms: int = 5000,
+        partition: int = 0,
+        partitions: int = 1,
+        cluster: bool = False,
     ) -> None:
         if batch < 1 or block_ms < 1:
             raise ValueError("batch and block_ms must be positive")
+        streams = event_streams(stream_prefix, partitions=partitions, cluster=cluster)
+        if not 0 <= partition < len(streams):
+            raise ValueError(f"partition must be between 0 and {len(streams) - 1}")
         self.redis = redis
         self.group = group
         self.consumer = consumer or default_consumer_name()
-        self.stream = f"{stream_prefix}events"
+        self.stream = streams[partition]
         self.start_id = start_id
         self.batch = batch
         self.block_ms = block_ms
