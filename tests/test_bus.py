@@ -13,8 +13,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +38,14 @@ from shared.bus.relay import OutboxRelay
 from shared.config import Settings
 from shared.db import create_pool
 from shared.redis import create_redis
+from tests.support.bus import (
+    applied_order,
+    assert_each_subject_in_sequence,
+    background,
+    create_effects,
+    emit_visitor_events,
+    until_applied,
+)
 from tests.support.bus_worker import GROUP, effect_handler
 from tests.support.cli import cli
 from tests.support.proxy import fault_proxy
@@ -49,42 +56,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 async def effects(pool: asyncpg.Pool) -> asyncpg.Pool:
-    await pool.execute(
-        "CREATE TABLE bus_effects (event_id uuid NOT NULL, subject text NOT NULL, seq bigint NOT NULL,"
-        " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
-    )
-    return pool
-
-
-async def emit_visitor_events(
-    pool: asyncpg.Pool, settings: Settings, subjects: list[str]
-) -> list[str]:
-    outbox = Outbox(settings.events_stream)
-    ids: list[str] = []
-    async with pool.acquire() as conn, conn.transaction():
-        for subject in subjects:
-            event = await outbox.emit(
-                conn,
-                VisitorCreated,
-                org_id=str(uuid.uuid4()),
-                subject=subject,
-                data=VisitorCreatedData(visitor_id=subject, widget_token_id="w"),
-            )
-            ids.append(event.id)
-    return ids
-
-
-@asynccontextmanager
-async def background(
-    run: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
-) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run(stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=10)
+    return await create_effects(pool)
 
 
 def relay(settings: Settings, redis: aioredis.Redis) -> OutboxRelay:
@@ -299,26 +271,6 @@ async def publish_all(
             return await redis.xlen(settings.events_stream) >= n
 
         await eventually(published, timeout=60)
-
-
-async def until_applied(effects: asyncpg.Pool, count: int, *, timeout: float = 10) -> None:
-    async def done() -> bool:
-        return await effects.fetchval("SELECT count(*) FROM bus_effects") == count
-
-    await eventually(done, timeout=timeout)
-
-
-async def applied_order(effects: asyncpg.Pool) -> list[tuple[str, int]]:
-    """(subject, seq) of every applied event, in the order the handler applied them."""
-    rows = await effects.fetch("SELECT subject, seq FROM bus_effects ORDER BY applied_at")
-    return [(r["subject"], r["seq"]) for r in rows]
-
-
-def assert_each_subject_in_sequence(order: list[tuple[str, int]]) -> None:
-    last: dict[str, int] = {}
-    for subject, seq in order:
-        assert seq == last.get(subject, 0) + 1, (subject, seq)
-        last[subject] = seq
 
 
 async def test_a_lost_read_reply_never_lets_a_subject_s_later_event_overtake(

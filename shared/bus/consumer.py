@@ -160,8 +160,8 @@ class StreamConsumer:
                     self.consumer,
                     min_idle_time=0,
                     start_id=cursor,
+                    # Not JUSTID: redis-py then returns the ids without the cursor.
                     count=1000,
-                    justid=True,
                 ),
             )
             cursor = reply[0]

@@ -2,8 +2,8 @@
 them, each partition owned by one process at a time (tables in migration 0012).
 
 - Every process of the group writes its ``consumer_members`` row about once a second; the
-  live members are those seen within ``CONSUMER_LEASE_SECONDS``, and each takes a fair share,
-  ceil(partitions / live members): a new process makes the others give partitions back, a
+  live members are those seen within ``CONSUMER_LEASE_SECONDS``, and each takes its share of
+  the partitions dealt out over them (``fair_share``): a new process makes the others give partitions back, a
   process that stops hands its partitions over at once, one that dies loses them when its
   lease runs out.
 - A partition changes owner only by an UPDATE that bumps its ``epoch``. Every transaction that
@@ -17,7 +17,6 @@ them, each partition owned by one process at a time (tables in migration 0012).
 
 from __future__ import annotations
 
-import math
 import time
 
 import asyncpg
@@ -54,15 +53,17 @@ class PartitionLeases:
         """True while no other process can have taken this one's partitions."""
         return time.monotonic() < self._fresh_until
 
-    async def heartbeat(self) -> int:
-        """Show this process alive; the number of live members, itself included."""
+    async def heartbeat(self) -> list[str]:
+        """Show this process alive; the live members' names, itself included, sorted."""
         sent = time.monotonic()
-        live: int = await self._pool.fetchval(
+        rows = await self._pool.fetch(
             """WITH me AS (
                    INSERT INTO consumer_members (consumer_group, member) VALUES ($1, $2)
                    ON CONFLICT (consumer_group, member) DO UPDATE SET seen_at = now()
-                   RETURNING 1)
-               SELECT (SELECT count(*) FROM me) + count(*) FROM consumer_members
+                   RETURNING member)
+               SELECT member FROM me
+               UNION
+               SELECT member FROM consumer_members
                WHERE consumer_group = $1 AND member <> $2
                  AND seen_at > now() - make_interval(secs => $3)""",
             self.group,
@@ -72,10 +73,15 @@ class PartitionLeases:
         # Postgres wrote seen_at no earlier than ``sent``: nobody takes over before
         # sent + lease (durations agree between machines even when clocks do not).
         self._fresh_until = sent + self.lease_seconds - self._read_margin
-        return live
+        return sorted(row["member"] for row in rows)
 
-    def fair_share(self, live_members: int) -> int:
-        return math.ceil(self.partitions / max(1, live_members))
+    def fair_share(self, live_members: list[str]) -> int:
+        """How many partitions this member should own: the partitions dealt out over the
+        live members in name order, so the shares add up to exactly the partition count
+        and every member computes the same split (4 over 3: 2, 1, 1)."""
+        count = max(1, len(live_members))
+        index = live_members.index(self.member) if self.member in live_members else 0
+        return self.partitions // count + (1 if index < self.partitions % count else 0)
 
     async def owned(self) -> dict[int, int]:
         """The partitions this process owns, with their epochs."""
@@ -93,14 +99,20 @@ class PartitionLeases:
         new epochs. A row locked by the applies of a process losing it is skipped for now."""
         if wanted <= 0:
             return {}
+        # Every partition has its row first (its own statement: rows a CTE inserts are not
+        # visible to the rest of the statement).
+        await self._pool.execute(
+            """INSERT INTO partition_leases (consumer_group, partition)
+               SELECT $1, p FROM generate_series(0, $2 - 1) AS p
+               ON CONFLICT DO NOTHING""",
+            self.group,
+            self.partitions,
+        )
         rows = await self._pool.fetch(
-            """WITH rows AS (
-                   INSERT INTO partition_leases (consumer_group, partition)
-                   SELECT $1, p FROM generate_series(0, $4 - 1) AS p
-                   ON CONFLICT DO NOTHING),
-               free AS (
+            """WITH free AS (
                    SELECT l.partition FROM partition_leases AS l
                    WHERE l.consumer_group = $1 AND l.partition < $4
+                     AND l.owner IS DISTINCT FROM $2
                      AND (l.owner IS NULL OR NOT EXISTS (
                            SELECT 1 FROM consumer_members AS m
                            WHERE m.consumer_group = $1 AND m.member = l.owner

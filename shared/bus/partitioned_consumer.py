@@ -156,6 +156,6 @@ class PartitionedConsumer:
             log.warning("partition taken over", extra={"group": self.group, "partition": partition})
         elif error is not None:
             log.error(
-                "partition reader failed",
+                "partition reader failed: %r", error,
                 extra={"group": self.group, "partition": partition, "error": repr(error)},
             )

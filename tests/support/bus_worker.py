@@ -1,7 +1,7 @@
 """A consumer process for the bus tests: applies VisitorCreated events to ``bus_effects``.
 
-Run as ``python -m tests.support.bus_worker`` with DATABASE_URL, REDIS_URL, STREAM_PREFIX
-and HANDLER_DELAY_MS in the environment, so a test can SIGKILL it at any instant. The
+Run as ``python -m tests.support.bus_worker`` with DATABASE_URL, REDIS_URL, STREAM_PREFIX,
+HANDLER_DELAY_MS (and STREAM_PARTITIONS, CONSUMER_LEASE_SECONDS) in the environment, so a test can SIGKILL it at any instant. The
 effect table has no unique constraint on purpose: only the consumer's own idempotency can
 keep a redelivered event from being applied twice.
 """
@@ -16,6 +16,7 @@ import asyncpg
 
 from shared.bus.consumer import StreamConsumer
 from shared.bus.events import VisitorCreated
+from shared.bus.partitioned_consumer import PartitionedConsumer
 from shared.config import Settings
 from shared.db import create_pool
 from shared.redis import create_redis
@@ -47,7 +48,9 @@ async def main() -> None:
     redis = create_redis(settings)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    consumer = StreamConsumer(
+    # Like add_consumer: one stream, or this process's share of the partitions.
+    kind = PartitionedConsumer if len(settings.event_streams) > 1 else StreamConsumer
+    consumer = kind(
         settings,
         pool,
         redis,

@@ -1,0 +1,78 @@
+"""The bus tests' common moves: an effect table only a consumer's idempotency keeps free of
+duplicates, events to feed it, workers run in the background, and the order check."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from shared.bus.events import VisitorCreated, VisitorCreatedData
+from shared.bus.outbox import Outbox
+from shared.config import Settings
+from tests.support.server import eventually
+
+
+async def create_effects(pool: asyncpg.Pool) -> asyncpg.Pool:
+    """``bus_effects``, written by ``tests.support.bus_worker.effect_handler``: no unique
+    constraint on purpose, and ``applied_at`` in the order the handler ran."""
+    await pool.execute(
+        "CREATE TABLE bus_effects (event_id uuid NOT NULL, subject text NOT NULL, seq bigint NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    )
+    return pool
+
+
+async def emit_visitor_events(
+    pool: asyncpg.Pool, settings: Settings, subjects: list[str]
+) -> list[str]:
+    outbox = Outbox(settings.event_streams)
+    ids: list[str] = []
+    async with pool.acquire() as conn, conn.transaction():
+        for subject in subjects:
+            event = await outbox.emit(
+                conn,
+                VisitorCreated,
+                org_id=str(uuid.uuid4()),
+                subject=subject,
+                data=VisitorCreatedData(visitor_id=subject, widget_token_id="w"),
+            )
+            ids.append(event.id)
+    return ids
+
+
+@asynccontextmanager
+async def background(
+    run: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def until_applied(effects: asyncpg.Pool, count: int, *, timeout: float = 10) -> None:
+    async def done() -> bool:
+        return await effects.fetchval("SELECT count(*) FROM bus_effects") == count
+
+    await eventually(done, timeout=timeout)
+
+
+async def applied_order(effects: asyncpg.Pool) -> list[tuple[str, int]]:
+    """(subject, seq) of every applied event, in the order the handler applied them."""
+    rows = await effects.fetch("SELECT subject, seq FROM bus_effects ORDER BY applied_at")
+    return [(r["subject"], r["seq"]) for r in rows]
+
+
+def assert_each_subject_in_sequence(order: list[tuple[str, int]]) -> None:
+    last: dict[str, int] = {}
+    for subject, seq in order:
+        assert seq == last.get(subject, 0) + 1, (subject, seq)
+        last[subject] = seq

@@ -1,0 +1,344 @@
+"""Promise 9 past one stream: with STREAM_PARTITIONS > 1 a subject's events all go to one
+partition, every partition has one relay and, per consumer group, one consumer process at a
+time, and consumers coming and going mid-load lose nothing, apply nothing twice and keep each
+subject's events in order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import uuid
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from shared.bus.dead_letters import dead_letters, replay_dead_letters
+from shared.bus.events import EVENT_FIELD, VisitorCreated, header_decoder
+from shared.bus.handlers import PoisonMessage
+from shared.bus.leases import LeaseLost, PartitionLeases
+from shared.bus.outbox import Outbox
+from shared.bus.partitioned_consumer import PartitionedConsumer
+from shared.bus.partitions import partition_of, stream_of
+from shared.bus.relay import OutboxRelay
+from shared.config import Settings
+from tests.support.bus import (
+    applied_order,
+    assert_each_subject_in_sequence,
+    background,
+    create_effects,
+    emit_visitor_events,
+    until_applied,
+)
+from tests.support.bus_worker import GROUP, effect_handler
+from tests.support.server import eventually
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARTITIONS = 4
+
+
+@pytest.fixture
+def partitioned(settings: Settings) -> Settings:
+    return settings.with_overrides(stream_partitions=PARTITIONS, consumer_lease_seconds=2.0)
+
+
+@pytest.fixture
+async def effects(pool: asyncpg.Pool) -> asyncpg.Pool:
+    return await create_effects(pool)
+
+
+def relay(settings: Settings, redis: aioredis.Redis) -> OutboxRelay:
+    return OutboxRelay(settings, redis, poll_interval=0.1)
+
+
+def member(
+    settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis, name: str, delay: float = 0.0
+) -> PartitionedConsumer:
+    return PartitionedConsumer(
+        settings,
+        pool,
+        redis,
+        group=GROUP,
+        consumer_name=name,
+        handlers={VisitorCreated: effect_handler(delay)},
+    )
+
+
+class Load:
+    """Events for ``subjects`` subjects, emitted a transaction at a time in the background
+    until stopped; ``emitted`` counts the committed ones."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, subjects: int) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._subjects = [f"subject-{i}" for i in range(subjects)]
+        self.emitted = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            batch = random.choices(self._subjects, k=20)
+            await emit_visitor_events(self._pool, self._settings, batch)
+            self.emitted += len(batch)
+            await asyncio.sleep(0.01)
+
+
+def test_a_subject_always_maps_to_the_same_partition() -> None:
+    subjects = [str(uuid.uuid4()) for _ in range(4000)]
+    for subject in subjects[:50]:
+        assert partition_of(subject, 1) == 0
+        assert partition_of(subject, 4) == partition_of(subject, 4)
+    # Spread evenly enough that no partition is a hot spot.
+    counts = [0] * PARTITIONS
+    for subject in subjects:
+        counts[partition_of(subject, PARTITIONS)] += 1
+    assert min(counts) > len(subjects) / PARTITIONS * 0.8, counts
+
+
+async def test_the_outbox_writes_each_event_to_its_subject_s_partition_as_python_computes_it(
+    partitioned: Settings, pool: asyncpg.Pool
+) -> None:
+    # The statement computes the partition itself (a subject may be known only to SQL): it
+    # must agree with the Python function readers and tools use, for any subject.
+    subjects = [str(uuid.uuid4()) for _ in range(300)] + ["ünïcødé", "", "a" * 500]
+    for partitions in (2, 3, PARTITIONS, 7):
+        settings = partitioned.with_overrides(stream_partitions=partitions)
+        await pool.execute("TRUNCATE outbox")
+        await emit_visitor_events(pool, settings, subjects)
+        rows = await pool.fetch("SELECT stream, payload FROM outbox")
+        by_subject = {_subject(r["payload"]): r["stream"] for r in rows}
+        assert len(by_subject) == len(subjects)
+        assert all(
+            stream == stream_of(subject, settings.event_streams)
+            for subject, stream in by_subject.items()
+        )
+        assert set(by_subject.values()) == set(settings.event_streams)
+
+
+async def test_one_partition_keeps_the_one_stream_and_several_carry_hash_tags(
+    settings: Settings,
+) -> None:
+    assert settings.event_streams == (settings.events_stream,)
+    tagged = settings.with_overrides(stream_partitions=3).event_streams
+    assert tagged == tuple(f"{settings.events_stream}:{{{i}}}" for i in range(3))
+    # A partition's dead letters sit in its hash slot.
+    assert settings.dead_letter_stream("g", tagged[1]).startswith(tagged[1] + ":")
+
+
+async def test_relays_share_the_partitions_one_owner_each_and_take_over_a_stopped_one(
+    partitioned: Settings, pool: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    first, second = relay(partitioned, redis), relay(partitioned, redis)
+    subjects = [f"s{i}" for i in range(40)]
+    stop_first = asyncio.Event()
+    first_task = asyncio.create_task(first.run(stop_first))
+    async with background(second.run):
+        await eventually(lambda: _true(bool(first.owned) or bool(second.owned)))
+        # Whoever came first holds every partition; the other holds none: never two.
+        await asyncio.sleep(0.5)
+        assert not set(first.owned) & set(second.owned)
+        assert sorted(first.owned + second.owned) == sorted(partitioned.event_streams)
+        await emit_visitor_events(pool, partitioned, subjects * 3)
+        await eventually(lambda: _all_published(pool))
+        stop_first.set()
+        await asyncio.wait_for(first_task, timeout=10)
+        # The stopped relay's partitions go to the other one.
+        await eventually(lambda: _true(len(second.owned) == PARTITIONS))
+        await emit_visitor_events(pool, partitioned, subjects)
+        await eventually(lambda: _all_published(pool))
+    for stream in partitioned.event_streams:
+        subjects_here = [_subject(f[EVENT_FIELD]) for _id, f in await redis.xrange(stream)]
+        assert subjects_here, stream
+        assert all(stream_of(s, partitioned.event_streams) == stream for s in subjects_here)
+    total = sum([await redis.xlen(s) for s in partitioned.event_streams])
+    assert total == len(subjects) * 4
+
+
+async def test_consumers_scaled_1_3_1_mid_load_apply_every_event_once_in_subject_order(
+    partitioned: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    load = Load(effects, partitioned, subjects=60)
+    a = member(partitioned, effects, redis, "a", delay=0.002)
+    async with background(relay(partitioned, redis).run), background(a.run):
+        stop_load = asyncio.Event()
+        load_task = asyncio.create_task(load.run(stop_load))
+        await eventually(lambda: _true(len(a.owned) == PARTITIONS))
+        await _some_more_applied(effects)
+        b = member(partitioned, effects, redis, "b", delay=0.002)
+        c = member(partitioned, effects, redis, "c", delay=0.002)
+        async with background(b.run), background(c.run):
+            # Scaled up: every member reads its share (4 over 3: 2, 1, 1), none twice.
+            await eventually(
+                lambda: _true(
+                    sorted(a.owned + b.owned + c.owned) == list(range(PARTITIONS))
+                    and all(m.owned for m in (a, b, c))
+                ),
+                timeout=20,
+            )
+            await _some_more_applied(effects)
+        # Scaled down: the stopped members handed their partitions back.
+        await eventually(lambda: _true(len(a.owned) == PARTITIONS), timeout=20)
+        await _some_more_applied(effects)
+        stop_load.set()
+        await load_task
+        await until_applied(effects, load.emitted, timeout=60)
+    assert await effects.fetchval("SELECT count(DISTINCT event_id) FROM bus_effects") == (
+        load.emitted
+    )
+    assert_each_subject_in_sequence(await applied_order(effects))
+
+
+@pytest.mark.slow
+async def test_a_killed_consumer_s_partitions_are_taken_over_with_nothing_lost_or_reordered(
+    partitioned: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    env = {
+        **os.environ,
+        "DATABASE_URL": partitioned.database_url,
+        "REDIS_URL": partitioned.redis_url,
+        "STREAM_PREFIX": partitioned.stream_prefix,
+        "STREAM_PARTITIONS": str(PARTITIONS),
+        "CONSUMER_LEASE_SECONDS": "2",
+        "HANDLER_DELAY_MS": "2",
+        "CLAIM_IDLE_MS": "300",
+        "LOG_JSON": "false",
+        "RELAY_ENABLED": "false",
+    }
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.support.bus_worker"],
+            env={**env, "CONSUMER_NAME": name},
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+
+    load = Load(effects, partitioned, subjects=60)
+    survivor, victim = start("survivor"), start("victim")
+    try:
+        async with background(relay(partitioned, redis).run), background(load.run):
+            await _members_own(effects, {"survivor", "victim"})
+            await _some_more_applied(effects)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+            await _members_own(effects, {"survivor"}, timeout=30)
+            await _some_more_applied(effects)
+        await until_applied(effects, load.emitted, timeout=60)
+    finally:
+        for process in (survivor, victim):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=30)
+    assert await effects.fetchval("SELECT count(DISTINCT event_id) FROM bus_effects") == (
+        load.emitted
+    )
+    assert await effects.fetchval("SELECT count(*) FROM bus_effects") == load.emitted
+    assert_each_subject_in_sequence(await applied_order(effects))
+
+
+async def test_a_process_that_lost_its_partition_applies_nothing_more_of_it(
+    partitioned: Settings, pool: asyncpg.Pool
+) -> None:
+    def leases(name: str) -> PartitionLeases:
+        return PartitionLeases(
+            pool, group=GROUP, member=name, partitions=PARTITIONS, lease_seconds=2, read_margin=0
+        )
+
+    old, new = leases("old"), leases("new")
+    await old.heartbeat()
+    taken = await old.acquire(PARTITIONS)
+    assert sorted(taken) == list(range(PARTITIONS))
+    lease = old.lease(0, taken[0])
+    async with pool.acquire() as conn, conn.transaction():
+        await lease.fence(conn)  # the owner applies
+    await new.heartbeat()
+    assert await new.acquire(PARTITIONS) == {}  # a live owner keeps its partitions
+    # The old owner stalls past its lease while one of its applies is still running: the
+    # takeover skips that partition until the apply ends, and takes the rest.
+    await pool.execute(
+        "UPDATE consumer_members SET seen_at = now() - interval '1 minute' WHERE member = 'old'"
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        await lease.fence(conn)
+        assert sorted(await new.acquire(PARTITIONS)) == [1, 2, 3]
+    assert list(await new.acquire(PARTITIONS)) == [0]
+    with pytest.raises(LeaseLost):
+        async with pool.acquire() as conn, conn.transaction():
+            await lease.fence(conn)
+
+
+async def test_a_partition_s_dead_letters_stay_beside_it_and_replay_into_it(
+    partitioned: Settings, pool: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    async def handle(event: VisitorCreated, conn: asyncpg.Connection) -> None:
+        if event.subject.startswith("poison"):
+            raise PoisonMessage("never applies")
+
+    consumer = PartitionedConsumer(
+        partitioned, pool, redis, group=GROUP, consumer_name="m", handlers={VisitorCreated: handle}
+    )
+    poisoned = [f"poison-{i}" for i in range(12)]
+    async with background(relay(partitioned, redis).run), background(consumer.run):
+        await emit_visitor_events(pool, partitioned, [*poisoned, "fine"])
+
+        async def parked() -> bool:
+            return len(await dead_letters(redis, partitioned, GROUP)) == len(poisoned)
+
+        await eventually(parked, timeout=20)
+    listed = await dead_letters(redis, partitioned, GROUP)
+    assert {entry["stream"] for entry in listed} == {
+        stream_of(s, partitioned.event_streams) for s in poisoned
+    }
+    for entry in listed:
+        subject = _subject(entry["event"].encode())
+        assert entry["stream"] == stream_of(subject, partitioned.event_streams)
+    lengths = {s: await redis.xlen(s) for s in partitioned.event_streams}
+    assert await replay_dead_letters(redis, partitioned, GROUP) == len(poisoned)
+    for stream in partitioned.event_streams:
+        back = sum(1 for e in listed if e["stream"] == stream)
+        assert await redis.xlen(stream) == lengths[stream] + back
+    assert await dead_letters(redis, partitioned, GROUP) == []
+
+
+async def test_the_outbox_picks_the_partition_stream_for_a_subject(partitioned: Settings) -> None:
+    outbox = Outbox(partitioned.event_streams)
+    for subject in ("a", "b", "c", "d", "e"):
+        assert outbox.stream_for(subject) == stream_of(subject, partitioned.event_streams)
+
+
+def _subject(raw: bytes | str) -> str:
+    return header_decoder.decode(raw).subject
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _all_published(pool: asyncpg.Pool) -> bool:
+    return bool(await pool.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"))
+
+
+async def _some_more_applied(effects: asyncpg.Pool, more: int = 200) -> None:
+    """Let the load run until ``more`` further events are applied."""
+    start = await effects.fetchval("SELECT count(*) FROM bus_effects")
+
+    async def grown() -> bool:
+        return bool(await effects.fetchval("SELECT count(*) FROM bus_effects") >= start + more)
+
+    await eventually(grown, timeout=30)
+
+
+async def _members_own(pool: asyncpg.Pool, members: set[str], *, timeout: float = 20) -> None:
+    """Wait until exactly ``members`` own every partition between them."""
+
+    async def settled() -> bool:
+        rows = await pool.fetch(
+            "SELECT partition, owner FROM partition_leases WHERE consumer_group = $1", GROUP
+        )
+        owners = {r["owner"] for r in rows}
+        return len(rows) == PARTITIONS and owners == members
+
+    await eventually(settled, timeout=timeout)
