@@ -156,6 +156,7 @@ class PartitionedConsumer:
             log.warning("partition taken over", extra={"group": self.group, "partition": partition})
         elif error is not None:
             log.error(
-                "partition reader failed: %r", error,
+                "partition reader failed: %r",
+                error,
                 extra={"group": self.group, "partition": partition, "error": repr(error)},
             )
