@@ -50,7 +50,9 @@ INTERNAL_PREFIXES = ("/v1", "/admin", "/metrics", "/healthz", "/readyz", "/docs"
 SECRET_NAME = "widget-identity-secrets"
 # The Secret's keys. REDIS_URL is not one: the kubelet builds it from REDIS_PASSWORD and the
 # ConfigMap's REDIS_ADDRESS, which the KEDA triggers read as well.
-SECRET_VARS = {"DATABASE_URL", "ADMIN_TOKEN", "KEY_ENCRYPTION_KEY", "REDIS_PASSWORD"}
+SECRET_VARS = {
+    "DATABASE_URL", "DATABASE_DIRECT_URL", "ADMIN_TOKEN", "KEY_ENCRYPTION_KEY", "REDIS_PASSWORD",
+}  # fmt: skip
 REDIS_URL_TEMPLATE = re.compile(r"^(rediss?)://:\$\(REDIS_PASSWORD\)@\$\(REDIS_ADDRESS\)/\d+$")
 SECRET_MOUNT = "/etc/widget-identity/secrets"
 ALLOWED_EGRESS = {("TCP", 5432), ("TCP", 6379), ("UDP", 53), ("TCP", 53)}
@@ -940,6 +942,24 @@ def test_secret_references_resolve(overlay: Rendered) -> None:
             assert key in secrets[name].get("data", {}), f"{overlay.name}: {name} has no {key}"
         else:  # created out of band under the documented name
             assert name == SECRET_NAME, f"{overlay.name}: unknown external Secret {name}"
+
+
+def test_session_state_reaches_postgres_directly(overlay: Rendered) -> None:
+    """DATABASE_URL may name a transaction pooler (PgBouncer); what needs one backend for a
+    whole session (the relay's advisory-lock leadership and LISTEN in every process, the
+    migrations' lock) reads DATABASE_DIRECT_URL, and the migrate Job uses nothing else."""
+    for workload in overlay.workloads():
+        where = f"{overlay.name} {workload['metadata']['name']}"
+        keys = {
+            name: env["valueFrom"]["secretKeyRef"]["key"]
+            for name, env in _env_refs(workload)
+            if name.startswith("DATABASE_")
+        }
+        assert keys.get("DATABASE_DIRECT_URL") == "DATABASE_DIRECT_URL", f"{where}: {keys}"
+        if workload["kind"] == "Job":
+            assert keys["DATABASE_URL"] == "DATABASE_DIRECT_URL", f"{where}: migrates via a pooler"
+        else:
+            assert keys["DATABASE_URL"] == "DATABASE_URL", f"{where}: {keys}"
 
 
 def test_only_dev_generates_a_secret_and_its_values_are_obviously_fake() -> None:
