@@ -18,7 +18,10 @@ they never pass silently.
 
 from __future__ import annotations
 
+import ast
 import base64
+import math
+import operator
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,7 +53,9 @@ INTERNAL_PREFIXES = ("/v1", "/admin", "/metrics", "/healthz", "/readyz", "/docs"
 SECRET_NAME = "widget-identity-secrets"
 # The Secret's keys. REDIS_URL is not one: the kubelet builds it from REDIS_PASSWORD and the
 # ConfigMap's REDIS_ADDRESS, which the KEDA triggers read as well.
-SECRET_VARS = {"DATABASE_URL", "ADMIN_TOKEN", "KEY_ENCRYPTION_KEY", "REDIS_PASSWORD"}
+SECRET_VARS = {
+    "DATABASE_URL", "DATABASE_DIRECT_URL", "ADMIN_TOKEN", "KEY_ENCRYPTION_KEY", "REDIS_PASSWORD",
+}  # fmt: skip
 REDIS_URL_TEMPLATE = re.compile(r"^(rediss?)://:\$\(REDIS_PASSWORD\)@\$\(REDIS_ADDRESS\)/\d+$")
 SECRET_MOUNT = "/etc/widget-identity/secrets"
 ALLOWED_EGRESS = {("TCP", 5432), ("TCP", 6379), ("UDP", 53), ("TCP", 53)}
@@ -241,6 +246,18 @@ _SCALED_OBJECT_SCHEMA: Manifest = {
                                 "name": _STR,
                                 # validated as HorizontalPodAutoscalerBehavior below
                                 "behavior": {"type": "object"},
+                            },
+                        },
+                        # KEDA >= 2.13: one composite metric from the named triggers.
+                        "scalingModifiers": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["formula", "target"],
+                            "properties": {
+                                "formula": _STR,
+                                "target": _STR,
+                                "activationTarget": _STR,
+                                "metricType": {"enum": ["AverageValue", "Value"]},
                             },
                         },
                     },
@@ -434,14 +451,24 @@ _PROMETHEUS_RULE_SCHEMA: Manifest = {
 }
 
 
-# The redis-streams scaler's documented metadata keys, and its three mutually exclusive
-# scaling targets.
-_REDIS_STREAMS_KEYS = {
-    "address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv",
+# The redis-streams scalers' documented metadata keys (one Redis, or a Redis Cluster), the
+# keys that name where Redis is, and their three mutually exclusive scaling targets.
+_REDIS_STREAMS_COMMON_KEYS = {
     "usernameFromEnv", "passwordFromEnv", "stream", "consumerGroup", "pendingEntriesCount",
     "streamLength", "lagCount", "activationLagCount", "enableTLS", "unsafeSsl",
     "databaseIndex",
 }  # fmt: skip
+_REDIS_ADDRESS_KEYS = {
+    "redis-streams": {"address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv"},
+    "redis-cluster-streams": {
+        "addresses", "addressesFromEnv", "hosts", "hostsFromEnv", "ports", "portsFromEnv",
+    },
+}  # fmt: skip
+# The key that reads the address from the consumer's own environment, per scaler.
+_REDIS_ADDRESS_FROM_ENV = {
+    "redis-streams": "addressFromEnv",
+    "redis-cluster-streams": "addressesFromEnv",
+}
 _REDIS_STREAMS_TARGETS = {"pendingEntriesCount", "streamLength", "lagCount"}
 _REDIS_STREAMS_AUTH_PARAMS = {"username", "password", "tls", "ca", "cert", "key", "keyPassword"}
 
@@ -484,18 +511,100 @@ def _scaled_object_errors(kv: Any, doc: Manifest, version: str, where: str) -> l
     if spec.get("minReplicaCount", 0) > spec.get("maxReplicaCount", 100):
         errors.append(f"{where}: minReplicaCount > maxReplicaCount")
     for i, trigger in enumerate(spec["triggers"]):
-        if trigger["type"] != "redis-streams":
+        address_keys = _REDIS_ADDRESS_KEYS.get(trigger["type"])
+        if address_keys is None:
             continue
         meta = trigger["metadata"]
-        unknown = set(meta) - _REDIS_STREAMS_KEYS
+        unknown = set(meta) - _REDIS_STREAMS_COMMON_KEYS - address_keys
         if unknown:
-            errors.append(f"{where}: triggers.{i}: unknown redis-streams keys {sorted(unknown)}")
+            errors.append(
+                f"{where}: triggers.{i}: unknown {trigger['type']} keys {sorted(unknown)}"
+            )
         if len(set(meta) & _REDIS_STREAMS_TARGETS) != 1:
             errors.append(f"{where}: triggers.{i}: needs exactly one of {_REDIS_STREAMS_TARGETS}")
-        if "stream" not in meta or not (
-            {"address", "addressFromEnv", "host", "hostFromEnv"} & set(meta)
-        ):
+        if "stream" not in meta or not {k for k in address_keys if "port" not in k} & set(meta):
             errors.append(f"{where}: triggers.{i}: needs a stream and an address")
+    modifiers = spec.get("advanced", {}).get("scalingModifiers")
+    if modifiers is not None:
+        errors += _scaling_modifiers_errors(modifiers, spec["triggers"], where)
+    return errors
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The functions of KEDA's formula language (expr) the formulas here may call, with their
+# Python equivalents for _replicas_wanted.
+_FORMULA_FUNCTIONS: dict[str, Callable[..., float]] = {"max": max, "min": min}
+_FORMULA_OPERATORS: dict[type, Callable[[float, float], float]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+}  # fmt: skip
+
+
+def _evaluate(formula: str, values: dict[str, float]) -> float:
+    """A scalingModifiers formula, for the arithmetic subset of expr that is also Python
+    syntax (numbers, trigger names, + - * /, parentheses, max/min); anything else fails the
+    test rather than being guessed at."""
+
+    def value(node: ast.expr) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+            return float(node.value)
+        if isinstance(node, ast.Name):
+            return values[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _FORMULA_OPERATORS:
+            return _FORMULA_OPERATORS[type(node.op)](value(node.left), value(node.right))
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in _FORMULA_FUNCTIONS
+            and not node.keywords
+        ):
+            return _FORMULA_FUNCTIONS[node.func.id](*(value(arg) for arg in node.args))
+        raise AssertionError(f"formula {formula!r}: cannot evaluate {ast.dump(node)}")
+
+    return value(ast.parse(formula, mode="eval").body)
+
+
+def _replicas_wanted(spec: Manifest, values: list[float]) -> int:
+    """The replica count KEDA's HPA would ask for, given each trigger's metric value (in
+    trigger order), before min/maxReplicaCount and the HPA's 10% tolerance. Every metric here
+    is an AverageValue: ceil(value / target). Without scalingModifiers the HPA takes the
+    largest count over the triggers; with them, the one count of the composite metric."""
+    triggers = spec["triggers"]
+    modifiers = spec.get("advanced", {}).get("scalingModifiers")
+    if modifiers is None:
+        return max(
+            math.ceil(v / float(_measure(t)[1])) for t, v in zip(triggers, values, strict=True)
+        )
+    named = {t["name"]: v for t, v in zip(triggers, values, strict=True)}
+    return math.ceil(_evaluate(modifiers["formula"], named) / float(modifiers["target"]))
+
+
+def _measure(trigger: Manifest) -> tuple[str, str]:
+    """A redis-streams trigger's scaling target: (lagCount|pendingEntriesCount|..., value)."""
+    ((key, value),) = [
+        (k, v) for k, v in trigger["metadata"].items() if k in _REDIS_STREAMS_TARGETS
+    ]
+    return key, value
+
+
+def _scaling_modifiers_errors(
+    modifiers: Manifest, triggers: list[Manifest], where: str
+) -> list[str]:
+    """The formula's variables are trigger names: every trigger needs a name it can use, and
+    one the formula leaves out would be silently ignored (the composite metric replaces all
+    the per-trigger ones)."""
+    errors = []
+    names = [trigger.get("name", "") for trigger in triggers]
+    for name in names:
+        if not _IDENTIFIER.fullmatch(name):
+            errors.append(f"{where}: trigger name {name!r} cannot be a formula variable")
+    used = set(_IDENTIFIER.findall(modifiers["formula"])) - set(_FORMULA_FUNCTIONS)
+    if used != set(names):
+        errors.append(f"{where}: the formula uses {sorted(used)}, the triggers are {sorted(names)}")
+    try:
+        float(modifiers["target"])
+    except ValueError:
+        errors.append(f"{where}: scalingModifiers target {modifiers['target']!r} is no number")
     return errors
 
 
@@ -564,6 +673,16 @@ def test_the_crd_schemas_reject_what_the_api_server_would(overlay: Rendered) -> 
     trigger["metadata"] = {**trigger["metadata"], "lagCount": 10}
     numeric = {**scaled, "spec": {**scaled["spec"], "triggers": [trigger]}}
     assert _scaled_object_errors(kv, numeric, version, "numeric")
+    advanced = scaled["spec"].get("advanced", {})
+    if "scalingModifiers" in advanced:  # a formula naming no trigger (KEDA rejects it)
+        name = scaled["spec"]["triggers"][0]["name"]
+        formula = advanced["scalingModifiers"]["formula"].replace(name, f"{name}x")
+        modifiers = {**advanced["scalingModifiers"], "formula": formula}
+        misnamed = {
+            **scaled,
+            "spec": {**scaled["spec"], "advanced": {**advanced, "scalingModifiers": modifiers}},
+        }
+        assert _scaled_object_errors(kv, misnamed, version, "misnamed")
 
 
 def test_the_monitoring_schemas_reject_typos() -> None:
@@ -655,21 +774,23 @@ def test_every_pod_runs_non_root_read_only_without_privilege_escalation(
 
 def test_termination_grace_outlasts_shutdown_timeout_and_prestop(overlay: Rendered) -> None:
     config = overlay.config()
+    # SHUTDOWN_TIMEOUT runs from SIGTERM to exit: the app's optional pause before it stops
+    # listening (DRAIN_DELAY, default 0) is spent out of it (shared/lifecycle.py), not on top.
     shutdown_timeout = float(config["SHUTDOWN_TIMEOUT"])
-    # The app's own optional pause before it stops listening (default 0).
     drain_delay = float(config.get("DRAIN_DELAY", 0))
     assert shutdown_timeout >= SHUTDOWN_TIMEOUT_FLOOR
+    assert drain_delay < shutdown_timeout, f"{overlay.name}: DRAIN_DELAY leaves no time to drain"
     for workload in overlay.workloads():
         pod = _pod_spec(workload)
         grace = pod.get("terminationGracePeriodSeconds", 30)
+        # A preStop hook runs before SIGTERM is sent, so it does add to the budget.
         pre_stop = max(_prestop_sleep_seconds(c) for c in pod["containers"])
-        budget = pre_stop + drain_delay + shutdown_timeout
+        budget = pre_stop + shutdown_timeout
         where = f"{overlay.name} {workload['metadata']['name']}"
         assert grace > SHUTDOWN_TIMEOUT_FLOOR, f"{where}: grace {grace} <= {SHUTDOWN_TIMEOUT_FLOOR}"
         assert grace > budget, (
-            f"{where}: grace {grace} s must exceed preStop {pre_stop} s + DRAIN_DELAY "
-            f"{drain_delay} s + SHUTDOWN_TIMEOUT {shutdown_timeout} s, or the kubelet kills "
-            "in-flight work"
+            f"{where}: grace {grace} s must exceed preStop {pre_stop} s + SHUTDOWN_TIMEOUT "
+            f"{shutdown_timeout} s (DRAIN_DELAY included), or the kubelet kills in-flight work"
         )
 
 
@@ -733,26 +854,77 @@ def test_every_http_deployment_has_an_hpa_and_no_fixed_replicas(overlay: Rendere
         assert hpa["spec"].get("metrics"), f"{where}: HPA without metrics"
 
 
-def test_consumer_is_scaled_by_keda_on_its_stream_and_group(overlay: Rendered) -> None:
-    scaled = overlay.named("ScaledObject", CONSUMER_COMPONENT)
-    spec = scaled["spec"]
+def _partition_streams(config: dict[str, str]) -> list[str]:
+    """The event stream's partitions as the app names them (STREAM_PREFIX, STREAM_PARTITIONS):
+    one stream <prefix>events, or <prefix>events:{0} .. {N-1} (braces: cluster hash tags)."""
+    prefix, partitions = config["STREAM_PREFIX"], int(config["STREAM_PARTITIONS"])
+    if partitions == 1:
+        return [f"{prefix}events"]
+    return [f"{prefix}events:{{{p}}}" for p in range(partitions)]
+
+
+def test_consumer_is_scaled_by_keda_on_every_partition_of_its_group(overlay: Rendered) -> None:
+    """KEDA watches the group on every partition stream the app uses, with the scaler that
+    fits REDIS_CLUSTER, adds the partitions' backlogs up, and never asks for more consumers
+    than partitions (each partition has one owner at a time; the rest would stand by)."""
+    config = overlay.config()
+    streams = _partition_streams(config)
+    scaler = "redis-cluster-streams" if config["REDIS_CLUSTER"] == "true" else "redis-streams"
+    spec = overlay.named("ScaledObject", CONSUMER_COMPONENT)["spec"]
     assert spec["scaleTargetRef"]["name"] == CONSUMER_COMPONENT
     assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
-    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
-    stream = overlay.config()["STREAM_PREFIX"] + "events"
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= len(streams), (
+        f"{overlay.name}: replicas {spec['minReplicaCount']}..{spec['maxReplicaCount']} "
+        f"for {len(streams)} partition(s)"
+    )
     auths = {a["metadata"]["name"] for a in overlay.of_kind("TriggerAuthentication")}
-    measures = set()
+    watched: dict[str, list[str]] = {}  # measure -> the streams it is taken on
     for trigger in spec["triggers"]:
         meta = trigger["metadata"]
-        assert trigger["type"] == "redis-streams"
-        assert meta["stream"] == stream, f"{overlay.name}: KEDA watches {meta['stream']}"
+        where = f"{overlay.name} trigger {trigger.get('name')}"
+        assert trigger["type"] == scaler, f"{where}: {trigger['type']}, REDIS_CLUSTER says {scaler}"
+        assert meta["stream"] in streams, f"{where}: watches {meta['stream']}, not one of {streams}"
         assert meta["consumerGroup"] == CONSUMER_GROUP
-        measures |= set(meta) & _REDIS_STREAMS_TARGETS
         assert trigger["authenticationRef"]["name"] in auths
-    assert measures & {"lagCount", "pendingEntriesCount"}, "scale on the group's backlog"
+        watched.setdefault(_measure(trigger)[0], []).append(meta["stream"])
+    assert "lagCount" in watched, f"{overlay.name}: scale on the group's backlog"
+    for measure, on in watched.items():
+        assert sorted(on) == sorted(streams), f"{overlay.name}: {measure} on {on}, not {streams}"
+    # Summed: a replica's worth of backlog on every partition asks for a replica per
+    # partition (judging the busiest partition alone would ask for one), and none idle.
+    for measure in watched:
+        values = [float(t["metadata"].get(measure, 0)) for t in spec["triggers"]]
+        wanted = _replicas_wanted(spec, values)
+        assert wanted == len(streams), f"{overlay.name}: {measure} at target asks for {wanted}"
+    assert _replicas_wanted(spec, [0.0] * len(spec["triggers"])) == 0
     for auth in overlay.of_kind("TriggerAuthentication"):
         for ref in auth["spec"].get("secretTargetRef", []):
             assert ref["parameter"] in _REDIS_STREAMS_AUTH_PARAMS
+
+
+# Settings every process must agree on, from the one ConfigMap and never per container: a
+# consumer reading other partitions than the relay writes would silently miss events.
+SHARED_SETTINGS = {"REDIS_ADDRESS", "REDIS_CLUSTER", "STREAM_PREFIX", "STREAM_PARTITIONS"}
+
+
+def test_settings_every_process_shares_are_written_once(overlay: Rendered) -> None:
+    config = overlay.config()
+    missing = SHARED_SETTINGS - set(config)
+    assert not missing, f"{overlay.name}: the ConfigMap lacks {sorted(missing)}"
+    assert int(config["STREAM_PARTITIONS"]) >= 1
+    assert config["REDIS_CLUSTER"] in {"true", "false"}
+    (config_map,) = [
+        d["metadata"]["name"]
+        for d in overlay.of_kind("ConfigMap")
+        if d["metadata"]["name"].startswith("widget-identity-config")
+    ]
+    for workload in overlay.workloads():
+        for container in _containers(workload):
+            where = f"{overlay.name} {workload['metadata']['name']}/{container['name']}"
+            sources = [s["configMapRef"]["name"] for s in container.get("envFrom", [])]
+            assert sources == [config_map], f"{where}: reads its settings from {sources}"
+            overridden = {e["name"] for e in container.get("env", [])} & SHARED_SETTINGS
+            assert not overridden, f"{where}: sets {sorted(overridden)} itself"
 
 
 def test_network_policies_start_from_a_default_deny(overlay: Rendered) -> None:
@@ -940,6 +1112,24 @@ def test_secret_references_resolve(overlay: Rendered) -> None:
             assert name == SECRET_NAME, f"{overlay.name}: unknown external Secret {name}"
 
 
+def test_session_state_reaches_postgres_directly(overlay: Rendered) -> None:
+    """DATABASE_URL may name a transaction pooler (PgBouncer); what needs one backend for a
+    whole session (the relay's advisory-lock leadership and LISTEN in every process, the
+    migrations' lock) reads DATABASE_DIRECT_URL, and the migrate Job uses nothing else."""
+    for workload in overlay.workloads():
+        where = f"{overlay.name} {workload['metadata']['name']}"
+        keys = {
+            name: env["valueFrom"]["secretKeyRef"]["key"]
+            for name, env in _env_refs(workload)
+            if name.startswith("DATABASE_")
+        }
+        assert keys.get("DATABASE_DIRECT_URL") == "DATABASE_DIRECT_URL", f"{where}: {keys}"
+        if workload["kind"] == "Job":
+            assert keys["DATABASE_URL"] == "DATABASE_DIRECT_URL", f"{where}: migrates via a pooler"
+        else:
+            assert keys["DATABASE_URL"] == "DATABASE_URL", f"{where}: {keys}"
+
+
 def test_only_dev_generates_a_secret_and_its_values_are_obviously_fake() -> None:
     for name in OVERLAYS:
         if name != "dev":
@@ -969,8 +1159,10 @@ def test_keda_reads_the_redis_address_and_password_the_pods_use(overlay: Rendere
     auths = {a["metadata"]["name"]: a for a in overlay.of_kind("TriggerAuthentication")}
     for trigger in overlay.named("ScaledObject", CONSUMER_COMPONENT)["spec"]["triggers"]:
         meta = trigger["metadata"]
-        assert meta.get("addressFromEnv") == "REDIS_ADDRESS", f"{overlay.name}: {meta}"
-        assert not {"address", "host", "port"} & set(meta), f"{overlay.name}: a second address"
+        from_env = _REDIS_ADDRESS_FROM_ENV[trigger["type"]]
+        assert meta.get(from_env) == "REDIS_ADDRESS", f"{overlay.name}: {meta}"
+        second = (_REDIS_ADDRESS_KEYS[trigger["type"]] - {from_env}) & set(meta)
+        assert not second, f"{overlay.name}: a second address in {sorted(second)}"
         # TLS is the one Redis setting still written twice (the URL scheme and the trigger).
         tls = meta.get("enableTLS", "false") == "true"
         assert tls == (scheme[1] == "rediss"), f"{overlay.name}: REDIS_URL {scheme[1]} vs {meta}"
@@ -1004,6 +1196,9 @@ def test_prod_scales_out_with_bigger_limits_and_a_pinned_image() -> None:
     for hpa in prod.of_kind("HorizontalPodAutoscaler"):
         assert hpa["spec"]["minReplicas"] >= 2, f"prod {hpa['metadata']['name']}: one replica"
     assert prod.named("ScaledObject", CONSUMER_COMPONENT)["spec"]["minReplicaCount"] >= 2
+    # Redis Cluster and a partitioned stream (a single stream would sit on one shard).
+    config = prod.config()
+    assert config["REDIS_CLUSTER"] == "true" and int(config["STREAM_PARTITIONS"]) > 1, config
     dev_limits = {
         d["metadata"]["name"]: _pod_spec(d)["containers"][0]["resources"]["limits"]
         for d in dev.deployments
