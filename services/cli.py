@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import asyncpg
+import msgspec
 from aiohttp import web
 
 from services import all_in_one
@@ -37,7 +38,7 @@ from services.session_resolution import app as session_resolution
 from services.token_issuance import app as token_issuance
 from services.token_issuance import cli as token_issuance_cli
 from shared import db, migrate
-from shared.bus import dead_letters
+from shared.bus import dead_letters, stream_status
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.observability import configure_logging
@@ -226,6 +227,39 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> None:
     print_json({"group": args.group, "replayed": run_async(go())})
 
 
+# `streams status --check` exits with this while some stream is not drained (0 when all are;
+# 2 stays the configuration error it is everywhere).
+NOT_DRAINED = 3
+
+
+def _cmd_streams_status(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    if args.partitions is not None:
+        if not 1 <= args.partitions <= 1024:
+            raise ConfigError("--partitions: must be between 1 and 1024")
+        settings = settings.with_overrides(stream_partitions=args.partitions)
+
+    async def go() -> list[stream_status.StreamStatus]:
+        pool = await db.create_pool(settings, min_size=1)
+        client = create_redis(settings)
+        try:
+            return await stream_status.stream_status(pool, client, settings.event_streams)
+        finally:
+            await client.aclose()
+            await pool.close()
+
+    streams = run_async(go())
+    drained = all(status.drained for status in streams)
+    print_json(
+        {
+            "drained": drained,
+            "streams": [{**msgspec.to_builtins(s), "drained": s.drained} for s in streams],
+        }
+    )
+    if args.check and not drained:
+        raise SystemExit(NOT_DRAINED)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="widget-identity",
@@ -271,6 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", required=True)
     p.add_argument("--count", type=int, default=None, help="default: all")
     p.set_defaults(func=_cmd_dlq_replay)
+
+    streams = sub.add_parser("streams", help="the event streams").add_subparsers(
+        dest="streams_command", required=True, metavar="ACTION"
+    )
+    p = streams.add_parser(
+        "status",
+        help="per stream: unpublished outbox rows, each group's lag and pending; drained or not",
+    )
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        help="look at the streams of this partition count (default: $STREAM_PARTITIONS)",
+    )
+    p.add_argument(
+        "--check", action="store_true", help=f"exit {NOT_DRAINED} unless every stream is drained"
+    )
+    p.set_defaults(func=_cmd_streams_status)
 
     for register in REGISTRARS:
         register(sub)

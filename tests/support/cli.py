@@ -22,6 +22,7 @@ async def cli(settings: Settings, *args: str) -> tuple[int, Any, str]:
         "REDIS_URL": settings.redis_url,
         "KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(settings.key_encryption_key).decode(),
         "STREAM_PREFIX": settings.stream_prefix,
+        "STREAM_PARTITIONS": str(settings.stream_partitions),
         "LOG_JSON": "false",
     }
     process = await asyncio.create_subprocess_exec(
