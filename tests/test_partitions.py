@@ -16,6 +16,7 @@ import uuid
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from widget_identity_client.events import event_streams as client_streams
 
 from shared.bus.consumer import StreamConsumer
 from shared.bus.dead_letters import dead_letters, replay_dead_letters
@@ -402,3 +403,12 @@ async def test_streams_status_refuses_a_partition_count_out_of_range(settings: S
     code, _out, err = await cli(settings, "streams", "status", "--partitions", "0")
     assert code == 2
     assert "--partitions" in err
+
+
+def test_the_typed_client_names_the_partitions_as_the_server_does(settings: Settings) -> None:
+    for partitions in (1, 2, 4, 7):
+        for cluster in (False, True):
+            server = settings.with_overrides(stream_partitions=partitions, redis_cluster=cluster)
+            assert client_streams(
+                settings.stream_prefix, partitions=partitions, cluster=cluster
+            ) == list(server.event_streams)
