@@ -102,7 +102,7 @@ class OutboxRelay:
                 self._backoff = min(self._backoff * 2, self._MAX_BACKOFF)
 
     async def _lead_while_possible(self, stop: asyncio.Event) -> None:
-        conn = await asyncpg.connect(self._settings.database_url, timeout=10)
+        conn = await asyncpg.connect(self._settings.database_session_url, timeout=10)
         try:
             while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK_KEY):
                 # Someone else leads; check again later (their connection dying frees the lock).
