@@ -72,6 +72,7 @@ class PgBouncer:
     database: str
     pool_size: int
     log_file: Path
+    pid: int
 
     @property
     def url(self) -> str:
@@ -185,4 +186,6 @@ def pgbouncer(
             break
         stack.callback(_stop_child, proc, _PGB_STOP)
         log(f"devstack: PgBouncer ({binary}, transaction pooling) on 127.0.0.1:{port}")
-        yield PgBouncer(port, upstream.user, password, upstream.database, pool_size, log_file)
+        yield PgBouncer(
+            port, upstream.user, password, upstream.database, pool_size, log_file, proc.pid
+        )

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
-from devstack import DevServers, DevStackError
+from devstack import DevServers, DevStackError, PgBouncer, pgbouncer, processes
 from devstack.binaries import find_pgbouncer
-from devstack.pgbouncer import PgBouncer, pgbouncer
 from services import all_in_one
 from services.history.consumers import GROUP
 from shared import db
+from shared.bus import relay
 from shared.config import Settings
 from tests.support.journeys import chat_anonymously, log_in
 from tests.support.server import eventually, running
@@ -147,7 +148,10 @@ async def test_a_login_merges_the_browsers_history_once_relayed_over_the_direct_
         holders = await observer.fetch(
             """SELECT a.application_name FROM pg_locks l
                JOIN pg_stat_activity a ON a.pid = l.pid
-               WHERE l.locktype = 'advisory' AND a.datname = current_database()"""
+               WHERE l.locktype = 'advisory' AND l.database = a.datid
+                 AND a.datname = current_database() AND l.objsubid = 1
+                 AND ((l.classid::bigint << 32) | l.objid::bigint) = $1""",
+            relay._RELAY_LOCK_KEY,
         )
         assert [h["application_name"] for h in holders] == [DIRECT]
 
@@ -285,6 +289,30 @@ async def test_the_pool_timeouts_hold_per_transaction_and_leave_no_session_setti
         await pool.close()
 
 
+async def test_the_pools_time_zone_is_utc_through_pgbouncer_whatever_the_databases_is(
+    pooled: Settings, observer: asyncpg.Connection
+) -> None:
+    """Events render late-bound timestamps in the session's zone (shared.bus.outbox): the
+    pool's TimeZone=UTC is a startup parameter PgBouncer keeps per client and sets on
+    whichever server connection the client's transaction gets."""
+    database = await observer.fetchval("SELECT current_database()")
+    await observer.execute(f"ALTER DATABASE \"{database}\" SET timezone TO 'Asia/Kathmandu'")
+    other = await asyncpg.connect(
+        pooled.database_url, statement_cache_size=0, server_settings={"timezone": "Asia/Tokyo"}
+    )
+    pool = await db.create_pool(pooled.with_overrides(db_pool_min=4, db_pool_max=4))
+    try:
+        for _ in range(SERVER_CONNECTIONS * 2):
+            zones = await asyncio.gather(
+                *(pool.fetchval("SELECT current_setting('TimeZone')") for _ in range(4)),
+                other.fetchval("SELECT current_setting('TimeZone')"),
+            )
+            assert zones == ["UTC"] * 4 + ["Asia/Tokyo"]
+    finally:
+        await other.close()
+        await pool.close()
+
+
 async def test_migrations_and_dedicated_connections_use_the_direct_url(
     pooled: Settings,
 ) -> None:
@@ -293,3 +321,19 @@ async def test_migrations_and_dedicated_connections_use_the_direct_url(
         assert await conn.fetchval("SHOW application_name") == DIRECT
     finally:
         await conn.close()
+
+
+def test_devstack_runs_pgbouncer_unprivileged_and_stops_it_without_a_trace(
+    servers: DevServers, bouncer: PgBouncer
+) -> None:
+    """What the benchmark reuses: ``pgbouncer(url)`` starts one on a free port, as the
+    devstack user when we are root, and leaves neither process nor files behind."""
+    with pgbouncer(servers.database_url, log=lambda _: None) as second:
+        assert second.port != bouncer.port
+        assert second.url.startswith(f"postgresql://{second.user}:")
+        if os.geteuid() == 0:
+            assert os.stat(f"/proc/{second.pid}").st_uid != 0
+        workdir = second.log_file.parent
+        assert processes._alive(second.pid)
+    assert not processes._alive(second.pid)
+    assert not workdir.exists()
