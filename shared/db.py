@@ -129,7 +129,7 @@ class TransactionPooledConnection(asyncpg.Connection):  # type: ignore[misc]
     timeouts are therefore set per transaction instead: every transaction's first message
     carries ``SET LOCAL`` for both (no extra round trip), and a statement outside a
     transaction runs in one of its own, which costs two round trips (BEGIN, COMMIT) but keeps
-    DB_LOCK_TIMEOUT a promise on this path too (tests/test_faults_hot_lock.py). asyncpg's type
+    DB_LOCK_TIMEOUT a promise on this path too (tests/test_pgbouncer.py). asyncpg's type
     introspection, which sets ``jit`` for the session and back, runs inside that transaction
     too, so it leaves nothing behind on a server connection.
     """
