@@ -22,15 +22,18 @@ from __future__ import annotations
 from .cli import main
 from .directories import ensure_free
 from .errors import DevStackError
+from .pgbouncer import PgBouncer, pgbouncer
 from .redis import ThrowawayRedis
 from .servers import DevServers, dev_servers, throwaway_redis
 
 __all__ = [
     "DevServers",
     "DevStackError",
+    "PgBouncer",
     "ThrowawayRedis",
     "dev_servers",
     "ensure_free",
     "main",
+    "pgbouncer",
     "throwaway_redis",
 ]

@@ -113,6 +113,20 @@ def _find_postgres(run_as: _RunAs, want_major: int | None, log: Log) -> tuple[Pa
     )
 
 
+def find_pgbouncer() -> Path:
+    """The pgbouncer binary: $PGBOUNCER, else PATH, else Debian's /usr/sbin (not on a normal
+    user's PATH)."""
+    explicit = os.environ.get("PGBOUNCER")
+    candidates = [explicit] if explicit else [shutil.which("pgbouncer"), "/usr/sbin/pgbouncer"]
+    for c in filter(None, candidates):
+        code, out = _run([c, "--version"], _RunAs(None, None, ""), 30)
+        if code == 0 and out.startswith("PgBouncer"):
+            return Path(c)
+        if explicit:
+            raise DevStackError(f"PGBOUNCER={c} is not a working pgbouncer: {out.strip()[:200]}")
+    raise DevStackError("no pgbouncer found; apt-get install -y pgbouncer, or set PGBOUNCER")
+
+
 def _find_redis(log: Log) -> tuple[Path, str]:
     explicit = os.environ.get("REDIS_SERVER")
     candidates = (

@@ -77,7 +77,7 @@ async def _migrate(settings: Settings) -> list[int]:
         return await migrate.migrate(conn)
     except asyncpg.PostgresError as exc:
         raise ConfigError(
-            f"DATABASE_URL: migrating failed ({type(exc).__name__}: {exc}); "
+            f"{db.session_url_name(settings)}: migrating failed ({type(exc).__name__}: {exc}); "
             "check that its user may create tables"
         ) from None
     finally:

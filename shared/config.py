@@ -36,8 +36,19 @@ class RateLimits:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    # What the pool's connections use: Postgres itself, or a pooler in front of it.
     database_url: str
     redis_url: str
+    # Where the connections that need a Postgres session of their own go (migrations and
+    # their advisory lock; the outbox relay's leader lock and LISTEN): Postgres itself when
+    # DATABASE_URL goes through a transaction pooler. Unset: DATABASE_URL.
+    database_direct_url: str | None = None
+    # "session": each pooled connection is a Postgres session of its own (Postgres itself,
+    # or a pooler in session mode). "transaction": DATABASE_URL goes through a pooler in
+    # transaction mode (PgBouncer's pool_mode = transaction), so consecutive transactions of
+    # one connection may run on different server connections: no prepared statements kept
+    # between them, no session state (shared.db).
+    database_pool_mode: str = "session"
     port: int = 8080
     host: str = "0.0.0.0"
     admin_token: str | None = None
@@ -111,6 +122,11 @@ class Settings:
     otel_service_name: str | None = None
 
     @property
+    def database_session_url(self) -> str:
+        """Where a connection that needs its own Postgres session connects."""
+        return self.database_direct_url or self.database_url
+
+    @property
     def events_stream(self) -> str:
         """The one events stream's name when there is one partition (tests, the CLI's
         defaults); code that publishes or reads uses ``event_streams``."""
@@ -148,6 +164,13 @@ class Settings:
         settings = cls(
             database_url=reader.url("DATABASE_URL", _PG_SCHEMES),
             redis_url=reader.url("REDIS_URL", _REDIS_SCHEMES),
+            database_direct_url=reader.optional_url("DATABASE_DIRECT_URL", _PG_SCHEMES),
+            database_pool_mode=reader.get(
+                "DATABASE_POOL_MODE",
+                str.lower,
+                defaults.database_pool_mode,
+                check=lambda v: v in {"session", "transaction"},
+            ),
             port=reader.get("PORT", int, defaults.port, check=lambda v: 0 <= v <= 65535),
             host=reader.get("HOST", str, defaults.host),
             admin_token=reader.optional_secret("ADMIN_TOKEN", min_length=16),
@@ -270,6 +293,13 @@ class Settings:
                 ),
             ),
         )
+        if settings.database_pool_mode == "transaction" and not settings.database_direct_url:
+            # Through a transaction pooler the relay's leader lock would stay behind on a
+            # server connection other clients get, and its LISTEN would hear nothing.
+            raise ConfigError(
+                "DATABASE_DIRECT_URL: required with DATABASE_POOL_MODE=transaction (migrations"
+                " and the outbox relay need a Postgres session of their own)"
+            )
         if settings.db_pool_min > settings.db_pool_max:
             raise ConfigError("DB_POOL_MIN: must not exceed DB_POOL_MAX")
         if settings.drain_delay >= settings.shutdown_timeout:

@@ -99,23 +99,90 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 async def _no_session_state(conn: asyncpg.Connection) -> None:
     """Pool reset: nothing to undo. Pool connections never hold session state (LISTEN,
-    session advisory locks and SET live only on ``connect()``'s dedicated connections), and
-    asyncpg itself still rolls back a transaction left open. asyncpg's default reset costs a
-    round trip on every release (UNLISTEN, advisory unlock, RESET ALL): ~5% of a request."""
+    session advisory locks and SET live only on ``connect()``'s dedicated connections; behind
+    a transaction pooler the timeouts are ``SET LOCAL``), and asyncpg itself still rolls back
+    a transaction left open. asyncpg's default reset costs a round trip on every release
+    (UNLISTEN, advisory unlock, RESET ALL): ~5% of a request."""
 
 
 # Timestamps Postgres renders as text (events' late-bound fields, see shared.bus.outbox) come out
-# in UTC whatever the server's or role's TimeZone, like everything msgspec writes.
+# in UTC whatever the server's or role's TimeZone, like everything msgspec writes. PgBouncer
+# tracks TimeZone per client, so this one holds through a transaction pooler too.
 _SERVER_SETTINGS = {"timezone": "UTC"}
 
 
-def _pool_server_settings(settings: Settings) -> dict[str, str]:
+def _pool_timeouts(settings: Settings) -> dict[str, str]:
     """Only the pool's connections get the lock and statement timeouts: the dedicated ones
     (migrations, the relay's advisory lock, LISTEN) may rightly wait or run long."""
     return {
-        **_SERVER_SETTINGS,
         "lock_timeout": f"{int(settings.db_lock_timeout * 1000)}ms",
         "statement_timeout": f"{int(settings.db_statement_timeout * 1000)}ms",
+    }
+
+
+class TransactionPooledConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A pool connection to a transaction pooler (DATABASE_POOL_MODE=transaction).
+
+    The pooler hands each transaction whichever server connection is free, so a session
+    setting would reach one server connection and stay there for other clients, and a
+    startup parameter is refused (PgBouncer: "unsupported startup parameter"). The pool's
+    timeouts are therefore set per transaction instead: every transaction's first message
+    carries ``SET LOCAL`` for both (no extra round trip), and a statement outside a
+    transaction runs in one of its own, which costs two round trips (BEGIN, COMMIT) but keeps
+    DB_LOCK_TIMEOUT a promise on this path too (tests/test_pgbouncer.py). asyncpg's type
+    introspection, which sets ``jit`` for the session and back, runs inside that transaction
+    too, so it leaves nothing behind on a server connection.
+    """
+
+    # Set on the subclass ``create_pool`` makes per pool: asyncpg builds connections itself,
+    # passing no arguments of ours.
+    set_local: str = ""
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 - asyncpg's signature
+        if args or self.is_in_transaction():
+            return await super().execute(query, *args, timeout=timeout)  # type: ignore[no-any-return]
+        # One simple query is one implicit transaction, in which SET LOCAL holds for the rest
+        # of it. asyncpg's Transaction.start() sends exactly "BEGIN ...;": the SETs follow it.
+        if query.startswith("BEGIN"):
+            query = f"{query} {self.set_local}"
+        else:
+            query = f"{self.set_local} {query}"
+        return await super().execute(query, timeout=timeout)  # type: ignore[no-any-return]
+
+    # asyncpg's one path for fetch, fetchrow, fetchval and execute with arguments, and the one
+    # for executemany and fetchmany.
+    async def _execute(self, *args: Any, **kwargs: Any) -> Any:
+        if self.is_in_transaction():
+            return await super()._execute(*args, **kwargs)
+        async with self.transaction():
+            return await super()._execute(*args, **kwargs)
+
+    async def _executemany(self, *args: Any, **kwargs: Any) -> Any:
+        if self.is_in_transaction():
+            return await super()._executemany(*args, **kwargs)
+        async with self.transaction():
+            return await super()._executemany(*args, **kwargs)
+
+
+def _connection_options(settings: Settings) -> dict[str, Any]:
+    """How the pool's connections are made, by DATABASE_POOL_MODE."""
+    if settings.database_pool_mode != "transaction":
+        return {
+            "connection_class": asyncpg.Connection,
+            "server_settings": {**_SERVER_SETTINGS, **_pool_timeouts(settings)},
+        }
+    set_local = "".join(f"SET LOCAL {k} = '{v}';" for k, v in _pool_timeouts(settings).items())
+    return {
+        "connection_class": type(
+            "TransactionPooledConnection",
+            (TransactionPooledConnection,),
+            {"set_local": set_local},
+        ),
+        "server_settings": _SERVER_SETTINGS,
+        # Unnamed statements only, parsed again at every execution: a named one prepared in
+        # one transaction would be missing ("prepared statement ... does not exist") or
+        # already there ("... already exists") on the server connection of the next one.
+        "statement_cache_size": 0,
     }
 
 
@@ -241,7 +308,6 @@ async def create_pool(settings: Settings, *, min_size: int | None = None) -> asy
         pool = GuardedPool(
             settings.database_url,
             acquire_timeout=settings.db_acquire_timeout,
-            connection_class=asyncpg.Connection,
             record_class=asyncpg.Record,
             min_size=settings.db_pool_min if min_size is None else min_size,
             max_size=settings.db_pool_max,
@@ -251,7 +317,7 @@ async def create_pool(settings: Settings, *, min_size: int | None = None) -> asy
             command_timeout=settings.db_command_timeout,
             init=_init_connection,
             reset=_no_session_state,
-            server_settings=_pool_server_settings(settings),
+            **_connection_options(settings),
             # A dead server must not hang start-up or a request forever.
             timeout=10,
         )
@@ -263,16 +329,23 @@ async def create_pool(settings: Settings, *, min_size: int | None = None) -> asy
     return pool
 
 
+def session_url_name(settings: Settings) -> str:
+    """The variable ``connect()`` takes its URL from, for messages that name it."""
+    return "DATABASE_DIRECT_URL" if settings.database_direct_url else "DATABASE_URL"
+
+
 async def connect(settings: Settings) -> asyncpg.Connection:
-    """One dedicated connection (migrations, LISTEN, advisory-lock holders)."""
+    """One dedicated connection (migrations, LISTEN, advisory-lock holders): a Postgres
+    session of its own, so DATABASE_DIRECT_URL when given."""
+    name = session_url_name(settings)
     try:
         conn: asyncpg.Connection = await asyncpg.connect(
-            settings.database_url, timeout=10, server_settings=_SERVER_SETTINGS
+            settings.database_session_url, timeout=10, server_settings=_SERVER_SETTINGS
         )
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        raise ConfigError(f"DATABASE_URL: cannot connect ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(f"{name}: cannot connect ({type(exc).__name__}: {exc})") from None
     except ValueError as exc:
-        raise ConfigError(f"DATABASE_URL: malformed ({exc})") from None
+        raise ConfigError(f"{name}: malformed ({exc})") from None
     await _init_connection(conn)
     return conn
 

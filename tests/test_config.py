@@ -63,6 +63,22 @@ def test_values_are_parsed_and_typed() -> None:
     assert settings.key_encryption_key == b"k" * 32
 
 
+def test_what_needs_a_session_goes_to_the_direct_url_when_there_is_one() -> None:
+    settings = Settings.from_env(BASE)
+    assert (settings.database_pool_mode, settings.database_direct_url) == ("session", None)
+    assert settings.database_session_url == BASE["DATABASE_URL"]
+    pooled = Settings.from_env(
+        {
+            **BASE,
+            "DATABASE_URL": "postgresql://u@pgbouncer:6432/wi",
+            "DATABASE_DIRECT_URL": "postgresql://u@db/wi",
+            "DATABASE_POOL_MODE": "Transaction",
+        }
+    )
+    assert pooled.database_pool_mode == "transaction"
+    assert pooled.database_session_url == "postgresql://u@db/wi"
+
+
 @pytest.mark.parametrize(
     ("env", "names"),
     [
@@ -84,6 +100,11 @@ def test_values_are_parsed_and_typed() -> None:
         ({"DB_ACQUIRE_TIMEOUT": "-1"}, "DB_ACQUIRE_TIMEOUT"),
         # The drain delay is spent out of the shutdown budget, so it must leave some.
         ({"DRAIN_DELAY": "30"}, "DRAIN_DELAY: must be below SHUTDOWN_TIMEOUT"),
+        ({"DATABASE_DIRECT_URL": "mysql://x/y"}, "DATABASE_DIRECT_URL: scheme 'mysql'"),
+        # Statement pooling cannot run a transaction at all.
+        ({"DATABASE_POOL_MODE": "statement"}, "DATABASE_POOL_MODE: 'statement' is out of range"),
+        # Through a transaction pooler the relay's lock and LISTEN would have no session.
+        ({"DATABASE_POOL_MODE": "transaction"}, "DATABASE_DIRECT_URL: required"),
     ],
 )
 def test_a_bad_variable_is_named_in_one_line(env: dict[str, str], names: str) -> None:

@@ -111,7 +111,7 @@ class OutboxRelay:
                 self._backoff = min(self._backoff * 2, self._MAX_BACKOFF)
 
     async def _lead_while_possible(self, stop: asyncio.Event) -> None:
-        conn = await asyncpg.connect(self._settings.database_url, timeout=10)
+        conn = await asyncpg.connect(self._settings.database_session_url, timeout=10)
         self.owned = []
         try:
             while not await self._take_free_partitions(conn):
