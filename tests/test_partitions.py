@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -29,11 +28,13 @@ from shared.bus.partitions import partition_of, stream_of
 from shared.bus.relay import OutboxRelay
 from shared.config import Settings
 from tests.support.bus import (
+    Load,
     applied_order,
     assert_each_subject_in_sequence,
     background,
     create_effects,
     emit_visitor_events,
+    some_more_applied,
     until_applied,
 )
 from tests.support.bus_worker import GROUP, effect_handler
@@ -69,24 +70,6 @@ def member(
         consumer_name=name,
         handlers={VisitorCreated: effect_handler(delay)},
     )
-
-
-class Load:
-    """Events for ``subjects`` subjects, emitted a transaction at a time in the background
-    until stopped; ``emitted`` counts the committed ones."""
-
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, subjects: int) -> None:
-        self._pool = pool
-        self._settings = settings
-        self._subjects = [f"subject-{i}" for i in range(subjects)]
-        self.emitted = 0
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            batch = random.choices(self._subjects, k=20)
-            await emit_visitor_events(self._pool, self._settings, batch)
-            self.emitted += len(batch)
-            await asyncio.sleep(0.01)
 
 
 def test_a_subject_always_maps_to_the_same_partition() -> None:
@@ -169,7 +152,7 @@ async def test_consumers_scaled_1_3_1_mid_load_apply_every_event_once_in_subject
         stop_load = asyncio.Event()
         load_task = asyncio.create_task(load.run(stop_load))
         await eventually(lambda: _true(len(a.owned) == PARTITIONS))
-        await _some_more_applied(effects)
+        await some_more_applied(effects)
         b = member(partitioned, effects, redis, "b", delay=0.002)
         c = member(partitioned, effects, redis, "c", delay=0.002)
         async with background(b.run), background(c.run):
@@ -181,10 +164,10 @@ async def test_consumers_scaled_1_3_1_mid_load_apply_every_event_once_in_subject
                 ),
                 timeout=20,
             )
-            await _some_more_applied(effects)
+            await some_more_applied(effects)
         # Scaled down: the stopped members handed their partitions back.
         await eventually(lambda: _true(len(a.owned) == PARTITIONS), timeout=20)
-        await _some_more_applied(effects)
+        await some_more_applied(effects)
         stop_load.set()
         await load_task
         await until_applied(effects, load.emitted, timeout=60)
@@ -224,11 +207,11 @@ async def test_a_killed_consumer_s_partitions_are_taken_over_with_nothing_lost_o
     try:
         async with background(relay(partitioned, redis).run), background(load.run):
             await _members_own(effects, {"survivor", "victim"})
-            await _some_more_applied(effects)
+            await some_more_applied(effects)
             victim.send_signal(signal.SIGKILL)
             victim.wait(timeout=30)
             await _members_own(effects, {"survivor"}, timeout=30)
-            await _some_more_applied(effects)
+            await some_more_applied(effects)
         await until_applied(effects, load.emitted, timeout=60)
     finally:
         for process in (survivor, victim):
@@ -324,16 +307,6 @@ async def _all_published(pool: asyncpg.Pool) -> bool:
     return bool(await pool.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"))
 
 
-async def _some_more_applied(effects: asyncpg.Pool, more: int = 200) -> None:
-    """Let the load run until ``more`` further events are applied."""
-    start = await effects.fetchval("SELECT count(*) FROM bus_effects")
-
-    async def grown() -> bool:
-        return bool(await effects.fetchval("SELECT count(*) FROM bus_effects") >= start + more)
-
-    await eventually(grown, timeout=30)
-
-
 async def _members_own(pool: asyncpg.Pool, members: set[str], *, timeout: float = 20) -> None:
     """Wait until exactly ``members`` own every partition between them."""
 
@@ -365,7 +338,7 @@ async def test_changing_the_partition_count_after_draining_loses_nothing_and_kee
     )
     async with background(relay(one, redis).run), background(consumer.run):
         async with background(load.run):
-            await _some_more_applied(effects)
+            await some_more_applied(effects)
         code, status, err = await cli(one, "streams", "status", "--check")
         if code == 0:  # the load stopped just after the consumer caught up: still a check
             assert status["drained"], status
@@ -387,7 +360,7 @@ async def test_changing_the_partition_count_after_draining_loses_nothing_and_kee
         background(members[1].run),
     ):
         async with background(load.run):
-            await _some_more_applied(effects)
+            await some_more_applied(effects)
         await until_applied(effects, before + load.emitted, timeout=60)
         code, status, err = await cli(four, "streams", "status", "--check")
         assert code == 0, (status, err)

@@ -17,13 +17,15 @@ from shared.config import Settings
 from tests import test_partitions
 from tests.conftest import settings_for
 from tests.support.bus import (
+    Load,
     applied_order,
     assert_each_subject_in_sequence,
     background,
     create_effects,
+    some_more_applied,
     until_applied,
 )
-from tests.test_partitions import PARTITIONS, Load, member, relay, some_more_applied
+from tests.test_partitions import PARTITIONS, member, relay
 
 
 @pytest.fixture

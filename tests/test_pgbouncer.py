@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from devstack import DevServers, DevStackError, PgBouncer, pgbouncer, processes
 from devstack.binaries import find_pgbouncer
@@ -27,6 +28,9 @@ from services.history.consumers import GROUP
 from shared import db
 from shared.bus import relay
 from shared.config import Settings
+from shared.db import create_pool
+from tests import test_partitions
+from tests.support.bus import create_effects
 from tests.support.journeys import chat_anonymously, log_in
 from tests.support.server import eventually, running
 from tests.support.tokens import mint_contact_token, provision_org
@@ -337,3 +341,18 @@ def test_devstack_runs_pgbouncer_unprivileged_and_stops_it_without_a_trace(
         assert processes._alive(second.pid)
     assert not processes._alive(second.pid)
     assert not workdir.exists()
+
+
+async def test_partitioned_consumers_share_partitions_through_pgbouncer(
+    pooled: Settings, redis: aioredis.Redis
+) -> None:
+    # Leases, heartbeats and the fence in every apply transaction hold no session state, so
+    # the partitioned members work with their pools behind the pooler.
+    partitioned = pooled.with_overrides(stream_partitions=4, consumer_lease_seconds=2.0)
+    pool = await create_pool(partitioned)
+    try:
+        await test_partitions.test_consumers_scaled_1_3_1_mid_load_apply_every_event_once_in_subject_order(
+            partitioned, await create_effects(pool), redis
+        )
+    finally:
+        await pool.close()

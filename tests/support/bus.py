@@ -4,6 +4,7 @@ duplicates, events to feed it, workers run in the background, and the order chec
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -76,3 +77,31 @@ def assert_each_subject_in_sequence(order: list[tuple[str, int]]) -> None:
     for subject, seq in order:
         assert seq == last.get(subject, 0) + 1, (subject, seq)
         last[subject] = seq
+
+
+class Load:
+    """Events for ``subjects`` subjects, emitted a transaction at a time in the background
+    until stopped; ``emitted`` counts the committed ones."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, subjects: int) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._subjects = [f"subject-{i}" for i in range(subjects)]
+        self.emitted = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            batch = random.choices(self._subjects, k=20)
+            await emit_visitor_events(self._pool, self._settings, batch)
+            self.emitted += len(batch)
+            await asyncio.sleep(0.01)
+
+
+async def some_more_applied(effects: asyncpg.Pool, more: int = 200) -> None:
+    """Let the load run until ``more`` further events are applied."""
+    start = await effects.fetchval("SELECT count(*) FROM bus_effects")
+
+    async def grown() -> bool:
+        return bool(await effects.fetchval("SELECT count(*) FROM bus_effects") >= start + more)
+
+    await eventually(grown, timeout=30)
