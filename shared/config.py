@@ -16,12 +16,14 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from shared import key_slots
 from shared.errors import ConfigError
 
 T = TypeVar("T")
 
 _PG_SCHEMES = ("postgres", "postgresql")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_CLUSTER_SCHEMES = ("redis", "rediss")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +72,12 @@ class Settings:
     db_lock_timeout: float = 0.5
     db_statement_timeout: float = 8.0
     redis_socket_timeout: float = 5.0
+    # Per Redis server; on a cluster, per node.
     redis_max_connections: int = 64
+    # REDIS_URL names a node of a Redis Cluster (or several, comma-separated): every client
+    # is a cluster client, and keys that one command or transaction touches together carry
+    # a hash tag (``beside``). Off, REDIS_URL is one server and no key name changes.
+    redis_cluster: bool = False
     relay_enabled: bool = True
     relay_batch: int = 500
     # Acknowledged events stay this long in the stream (late readers, debugging). The stream
@@ -107,7 +114,14 @@ class Settings:
         return f"{self.stream_prefix}events"
 
     def dead_letter_stream(self, group: str) -> str:
-        return f"{self.stream_prefix}events:dlq:{group}"
+        # On the events stream's slot: a message is parked and acked in one transaction, and
+        # replayed (added back, removed here) in one too.
+        return self.beside(self.events_stream, f":dlq:{group}")
+
+    def beside(self, key: str, suffix: str) -> str:
+        """``key`` + ``suffix``; on a cluster, a name on ``key``'s slot, so that one command or
+        transaction may touch both (``shared.key_slots.beside``)."""
+        return key_slots.beside(key, suffix) if self.redis_cluster else key + suffix
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -118,9 +132,16 @@ class Settings:
         reader = _Reader(env)
         # Every default is written once, on the field above; an unset variable takes it.
         defaults, limits = _Defaults(cls), _Defaults(RateLimits)
+        redis_cluster = reader.get("REDIS_CLUSTER", _boolean, defaults.redis_cluster)
         settings = cls(
             database_url=reader.url("DATABASE_URL", _PG_SCHEMES),
-            redis_url=reader.url("REDIS_URL", _REDIS_SCHEMES),
+            redis_url=(
+                # A cluster client speaks TCP only, and may be given several seed nodes.
+                reader.urls("REDIS_URL", _REDIS_CLUSTER_SCHEMES)
+                if redis_cluster
+                else reader.url("REDIS_URL", _REDIS_SCHEMES)
+            ),
+            redis_cluster=redis_cluster,
             port=reader.get("PORT", int, defaults.port, check=lambda v: 0 <= v <= 65535),
             host=reader.get("HOST", str, defaults.host),
             admin_token=reader.optional_secret("ADMIN_TOKEN", min_length=16),
@@ -230,6 +251,11 @@ class Settings:
                 ),
             ),
         )
+        if settings.redis_cluster:
+            try:
+                settings.dead_letter_stream("any")
+            except ValueError as exc:
+                raise ConfigError(f"STREAM_PREFIX: unusable on a Redis Cluster ({exc})") from None
         if settings.db_pool_min > settings.db_pool_max:
             raise ConfigError("DB_POOL_MIN: must not exceed DB_POOL_MAX")
         if settings.drain_delay >= settings.shutdown_timeout:
@@ -293,8 +319,8 @@ class _Reader:
             raise ConfigError(f"{name}: {raw!r} is out of range")
         return value
 
-    def url(self, name: str, schemes: tuple[str, ...]) -> str:
-        raw = self._env.get(name, "").strip()
+    def url(self, name: str, schemes: tuple[str, ...], *, raw: str | None = None) -> str:
+        raw = (self._env.get(name, "") if raw is None else raw).strip()
         if not raw:
             raise ConfigError(f"{name}: not set (expected a {schemes[0]}:// URL)")
         try:
@@ -307,6 +333,18 @@ class _Reader:
                 f"{name}: scheme {parts.scheme or '(none)'!r} is not one of {', '.join(schemes)}"
             )
         return raw
+
+    def urls(self, name: str, schemes: tuple[str, ...]) -> str:
+        """One URL or several, comma-separated, each with a host; returned as given (minus
+        blanks around the commas)."""
+        parts = [part.strip() for part in self._env.get(name, "").split(",") if part.strip()]
+        for part in parts:
+            self.url(name, schemes, raw=part)
+            if not urlsplit(part).hostname:
+                raise ConfigError(f"{name}: {part!r} names no host")
+        if not parts:
+            self.url(name, schemes)  # says what is missing
+        return ",".join(parts)
 
     def optional_url(self, name: str, schemes: tuple[str, ...]) -> str | None:
         if not self._env.get(name, "").strip():

@@ -38,7 +38,7 @@ from shared.bus.outbox import Outbox, late
 from shared.bus.relay import OutboxRelay
 from shared.config import Settings
 from shared.db import create_pool
-from shared.redis import create_redis
+from shared.redis import Redis, create_redis
 from tests.support.bus_worker import GROUP, effect_handler
 from tests.support.cli import cli
 from tests.support.proxy import fault_proxy
@@ -278,7 +278,7 @@ async def pending(redis: aioredis.Redis, settings: Settings) -> int:
 
 
 def consumer(
-    settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis, handler: Any, **overrides: Any
+    settings: Settings, pool: asyncpg.Pool, redis: Redis, handler: Any, **overrides: Any
 ) -> StreamConsumer:
     return StreamConsumer(
         settings.with_overrides(**overrides) if overrides else settings,

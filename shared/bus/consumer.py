@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import asyncpg
-import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
 
@@ -32,7 +31,7 @@ from shared.bus.ordering import SubjectOrder
 from shared.bus.outbox import OUTBOX, Outbox
 from shared.config import SETTINGS, Settings
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
-from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS, block_within_timeout
+from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS, Redis, block_within_timeout
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class StreamConsumer:
         self,
         settings: Settings,
         pool: asyncpg.Pool,
-        redis: aioredis.Redis,
+        redis: Redis,
         *,
         group: str,
         handlers: Mapping[type[Event], Handler],
