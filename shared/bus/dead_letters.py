@@ -4,7 +4,9 @@ operator tools to list and replay them (``widget-identity dlq list|replay``).
 A message whose handling failed is retried until its CONSUMER_MAX_DELIVERIES-th delivery,
 unless it is poison (``PoisonMessage``: it can never succeed), which goes at once. Either
 way it lands in ``<prefix>events:dlq:<group>`` atomically with its ack, so it is never acked
-without its entry.
+without its entry. (On a Redis Cluster the name ends in a hash tag,
+``<prefix>events:dlq:<group>{<prefix>events}``: a transaction's keys must share a slot, and
+the tag puts it on the events stream's.)
 """
 
 from __future__ import annotations
@@ -13,13 +15,11 @@ import logging
 import time
 from datetime import UTC, datetime
 
-import redis.asyncio as aioredis
-
 from shared.bus.events import EVENT_FIELD
 from shared.bus.handlers import PoisonMessage
 from shared.bus.messages import Message, Outcome, stream_entries
 from shared.config import Settings
-from shared.redis import as_str
+from shared.redis import Redis, as_str
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,7 @@ _REPLAY_BATCH = 100
 class FailurePolicy:
     """Decides, for one consumer group, what becomes of a message whose handler failed."""
 
-    def __init__(
-        self, settings: Settings, redis: aioredis.Redis, *, stream: str, group: str
-    ) -> None:
+    def __init__(self, settings: Settings, redis: Redis, *, stream: str, group: str) -> None:
         self.redis = redis
         self.stream = stream
         self.group = group
@@ -75,7 +73,7 @@ class FailurePolicy:
 
 
 async def dead_letters(
-    redis: aioredis.Redis, settings: Settings, group: str, *, count: int = 100
+    redis: Redis, settings: Settings, group: str, *, count: int = 100
 ) -> list[dict[str, str]]:
     entries = stream_entries(await redis.xrange(settings.dead_letter_stream(group), count=count))
     return [
@@ -85,7 +83,7 @@ async def dead_letters(
 
 
 async def replay_dead_letters(
-    redis: aioredis.Redis, settings: Settings, group: str, *, count: int | None = None
+    redis: Redis, settings: Settings, group: str, *, count: int | None = None
 ) -> int:
     """Put dead letters back on the events stream (same event ids, so consumers that already
     applied them skip them) and remove them from the dead-letter stream: a batch at a time,

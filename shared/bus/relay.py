@@ -12,7 +12,8 @@ lost volume) must not lose a promised event: Postgres is the source of truth. So
 - a *checkpoint* per stream (``stream_checkpoints``) holds the highest outbox id that every
   consumer group has acknowledged, refreshed from the groups' pending lists every few
   seconds — Postgres knows what is safely behind everyone;
-- a *mark* beside each stream (``<stream>:published``) holds the highest outbox id
+- a *mark* beside each stream (``<stream>:published``; ``<stream>:published{<stream>}`` on a
+  Redis Cluster, to share the stream's node) holds the highest outbox id
   published there, written in the same pipeline as every batch. It is read back before every
   batch (same pipeline) and about once a second when idle: missing, or lower than what this
   leader wrote, means Redis lost writes. Then every row after the checkpoint is marked
@@ -29,7 +30,6 @@ import logging
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from shared import db
@@ -38,7 +38,7 @@ from shared.bus.retention import acknowledged_bound, parse_id
 from shared.config import SETTINGS, Settings
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
 from shared.observability import EVENTS_PUBLISHED, EVENTS_REDRIVEN, OUTBOX_BACKLOG
-from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS
+from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS, Redis
 from shared.tracing import publishing
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,12 @@ _RELAY_LOCK_KEY = 0x5749_5245  # "WIRE"
 _NOTIFY_CHANNEL = "wi_outbox"
 
 
-def mark_key(stream: str) -> str:
-    """Where the relay notes the highest outbox id it published to ``stream``."""
-    return f"{stream}:published"
+def mark_key(settings: Settings, stream: str) -> str:
+    """Where the relay notes the highest outbox id it published to ``stream``: on the
+    stream's own cluster slot, so on the same node, so that a failover that loses part of
+    the stream loses the mark's update with it rather than leaving it to vouch for entries
+    that are gone."""
+    return settings.beside(stream, ":published")
 
 
 class StreamLost(Exception):
@@ -71,7 +74,7 @@ class OutboxRelay:
     def __init__(
         self,
         settings: Settings,
-        redis: aioredis.Redis,
+        redis: Redis,
         *,
         poll_interval: float = 1.0,
         retention_hours: int = 24,
@@ -169,12 +172,12 @@ class OutboxRelay:
                 await self._remember(conn, stream)
             pipe = self._redis.pipeline(transaction=False)
             for stream in streams:
-                pipe.get(mark_key(stream))
+                pipe.get(mark_key(self._settings, stream))
             for row in rows:
                 pipe.xadd(row["stream"], {EVENT_FIELD: row["payload"]})
             highest = {row["stream"]: row["id"] for row in rows}  # rows come in id order
             for stream, outbox_id in highest.items():
-                pipe.set(mark_key(stream), outbox_id)
+                pipe.set(mark_key(self._settings, stream), outbox_id)
             with publishing([(row["stream"], row["payload"]) for row in rows]):
                 replies = await pipe.execute()
             for stream, mark in zip(streams, replies[: len(streams)], strict=True):
@@ -229,7 +232,7 @@ class OutboxRelay:
             return
         pipe = self._redis.pipeline(transaction=False)
         for stream in streams:
-            pipe.get(mark_key(stream))
+            pipe.get(mark_key(self._settings, stream))
         for stream, mark in zip(streams, await pipe.execute(), strict=True):
             try:
                 self._check_mark(stream, mark)
