@@ -23,14 +23,17 @@ from .cli import main
 from .directories import ensure_free
 from .errors import DevStackError
 from .redis import ThrowawayRedis
+from .redis_cluster import ThrowawayCluster, throwaway_cluster
 from .servers import DevServers, dev_servers, throwaway_redis
 
 __all__ = [
     "DevServers",
     "DevStackError",
+    "ThrowawayCluster",
     "ThrowawayRedis",
     "dev_servers",
     "ensure_free",
     "main",
+    "throwaway_cluster",
     "throwaway_redis",
 ]

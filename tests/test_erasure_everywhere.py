@@ -55,19 +55,19 @@ async def api(settings: Settings) -> AsyncIterator[Api]:
         yield client
 
 
+# The widget collects typed details, so the person's own words reach every store.
+WIDGET_SETTINGS = {
+    "collectUserData": True,
+    "extraDataCollectionFields": [
+        {"name": "phone", "label": "Phone", "maxLength": 30},
+        {"name": "company", "label": "Company", "maxLength": 30},
+    ],
+}
+
+
 @pytest.fixture
 async def org(api: Api) -> OrgFixture:
-    return await provision_org(
-        api,
-        origins=(ORIGIN,),
-        settings={
-            "collectUserData": True,
-            "extraDataCollectionFields": [
-                {"name": "phone", "label": "Phone", "maxLength": 30},
-                {"name": "company", "label": "Company", "maxLength": 30},
-            ],
-        },
-    )
+    return await provision_org(api, origins=(ORIGIN,), settings=WIDGET_SETTINGS)
 
 
 _HEX = re.compile(r"\\x([0-9a-f]+)")
