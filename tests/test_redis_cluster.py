@@ -26,6 +26,7 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
+from widget_identity_client.events import EventConsumer
 
 from devstack import ThrowawayCluster
 from services import all_in_one
@@ -36,6 +37,7 @@ from shared.errors import ConfigError
 from shared.redis import create_redis, node_demoted
 from tests import (
     test_bus,
+    test_client_events,
     test_credential_lifecycle,
     test_erasure_everywhere,
     test_merges,
@@ -259,6 +261,23 @@ async def test_erasure_leaves_nothing_on_any_node(
     # every primary: the caches, the stream and the dead letters lie on different nodes.
     await test_erasure_everywhere.test_promise_12_erasure_leaves_nothing_in_any_store_and_the_browsers_start_over(
         api, org, pool, redis, settings
+    )
+
+
+async def test_the_python_clients_event_consumer_reads_from_a_cluster(
+    redis: Any, settings: Settings
+) -> None:
+    consumer = EventConsumer(
+        redis,
+        group=test_client_events.GROUP,
+        consumer="worker-1",
+        stream_prefix=settings.stream_prefix,
+        block_ms=50,
+    )
+    await (
+        test_client_events.test_a_failing_handler_leaves_the_event_pending_and_it_comes_again_first(
+            consumer, redis
+        )
     )
 
 
