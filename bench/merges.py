@@ -17,14 +17,13 @@ import uuid
 from pathlib import Path
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from shared.bus.events import HistoryMergeRequested, MergeRequestedData
 from shared.bus.outbox import Outbox
 from shared.bus.relay import OutboxRelay
 from shared.config import Settings
 from shared.db import create_pool
-from shared.redis import create_redis
+from shared.redis import Redis, create_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +97,7 @@ async def publish_everything(settings: Settings) -> None:
 
 async def wait_done(
     pool: asyncpg.Pool,
-    redis: aioredis.Redis,
+    redis: Redis,
     settings: Settings,
     org: str,
     expected: int,

@@ -198,8 +198,9 @@ async def capture(settings: Settings, admin_token: str) -> list[Statement]:
                 )
             redis = create_redis(settings)
             try:
-                # Cache misses, so the Postgres side of each lookup runs too.
-                for k in await redis.keys(f"{settings.stream_prefix}sr:*"):
+                # Cache misses, so the Postgres side of each lookup runs too. (SCAN: on a
+                # cluster it walks every primary.)
+                async for k in redis.scan_iter(match=f"{settings.stream_prefix}sr:*"):
                     await redis.delete(k)
             finally:
                 await redis.aclose()

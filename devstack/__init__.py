@@ -24,16 +24,19 @@ from .directories import ensure_free
 from .errors import DevStackError
 from .pgbouncer import PgBouncer, pgbouncer
 from .redis import ThrowawayRedis
+from .redis_cluster import ThrowawayCluster, throwaway_cluster
 from .servers import DevServers, dev_servers, throwaway_redis
 
 __all__ = [
     "DevServers",
     "DevStackError",
     "PgBouncer",
+    "ThrowawayCluster",
     "ThrowawayRedis",
     "dev_servers",
     "ensure_free",
     "main",
     "pgbouncer",
+    "throwaway_cluster",
     "throwaway_redis",
 ]

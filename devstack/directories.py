@@ -80,5 +80,7 @@ def _sweep(log: Log) -> None:
         base = marker.parent
         _stale_pidfile(base / "pg" / "postmaster.pid", base / "pg", _PG_STOP, "Postgres", log)
         _stale_pidfile(base / "redis.pid", base, _REDIS_STOP, "Redis", log)
+        for pidfile in base.glob("node-*/redis.pid"):  # a throwaway Redis Cluster's nodes
+            _stale_pidfile(pidfile, pidfile.parent, _REDIS_STOP, "Redis", log)
         shutil.rmtree(base, ignore_errors=True)
         log(f"devstack: removed {base} left by a killed run")

@@ -22,6 +22,7 @@ T = TypeVar("T")
 
 _PG_SCHEMES = ("postgres", "postgresql")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_CLUSTER_SCHEMES = ("redis", "rediss")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +66,6 @@ class Settings:
     # A consumer process that has not shown itself alive for this long loses its partitions
     # to the others (with STREAM_PARTITIONS > 1; a clean stop hands them over at once).
     consumer_lease_seconds: float = 10.0
-    # Redis Cluster client everywhere (stream keys then always carry hash tags).
-    redis_cluster: bool = False
     log_level: str = "INFO"
     log_json: bool = True
     # SIGTERM: readiness turns 503 at once; the drain delay, in-flight requests and the
@@ -89,7 +88,13 @@ class Settings:
     db_lock_timeout: float = 0.5
     db_statement_timeout: float = 8.0
     redis_socket_timeout: float = 5.0
+    # Per Redis server; on a cluster, per node.
     redis_max_connections: int = 64
+    # REDIS_URL names a node of a Redis Cluster (or several, comma-separated): every client
+    # is a cluster client, and the event streams always carry their partition as a hash tag,
+    # so a stream and the keys beside it (its dead letters, the relay's mark) share a slot.
+    # Off, REDIS_URL is one server and one partition keeps the plain ``<prefix>events``.
+    redis_cluster: bool = False
     relay_enabled: bool = True
     relay_batch: int = 500
     # Acknowledged events stay this long in the stream (late readers, debugging). The stream
@@ -161,9 +166,16 @@ class Settings:
         reader = _Reader(env)
         # Every default is written once, on the field above; an unset variable takes it.
         defaults, limits = _Defaults(cls), _Defaults(RateLimits)
+        redis_cluster = reader.get("REDIS_CLUSTER", _boolean, defaults.redis_cluster)
         settings = cls(
             database_url=reader.url("DATABASE_URL", _PG_SCHEMES),
-            redis_url=reader.url("REDIS_URL", _REDIS_SCHEMES),
+            redis_url=(
+                # A cluster client speaks TCP only, and may be given several seed nodes.
+                reader.urls("REDIS_URL", _REDIS_CLUSTER_SCHEMES)
+                if redis_cluster
+                else reader.url("REDIS_URL", _REDIS_SCHEMES)
+            ),
+            redis_cluster=redis_cluster,
             database_direct_url=reader.optional_url("DATABASE_DIRECT_URL", _PG_SCHEMES),
             database_pool_mode=reader.get(
                 "DATABASE_POOL_MODE",
@@ -238,7 +250,6 @@ class Settings:
                 defaults.consumer_lease_seconds,
                 check=lambda v: v >= 1,
             ),
-            redis_cluster=reader.get("REDIS_CLUSTER", _boolean, defaults.redis_cluster),
             stream_retention_seconds=reader.get(
                 # Not below a minute: the revocation listener XREADs the stream without a
                 # group, so only time protects what it has not read yet.
@@ -300,6 +311,12 @@ class Settings:
                 "DATABASE_DIRECT_URL: required with DATABASE_POOL_MODE=transaction (migrations"
                 " and the outbox relay need a Postgres session of their own)"
             )
+        if settings.redis_cluster and (
+            "{" in settings.stream_prefix or "}" in settings.stream_prefix
+        ):
+            # The stream names carry their partition as the hash tag: a brace in the prefix
+            # would make another tag, and put every partition on one slot.
+            raise ConfigError("STREAM_PREFIX: no braces on a Redis Cluster (they make hash tags)")
         if settings.db_pool_min > settings.db_pool_max:
             raise ConfigError("DB_POOL_MIN: must not exceed DB_POOL_MAX")
         if settings.drain_delay >= settings.shutdown_timeout:
@@ -363,8 +380,8 @@ class _Reader:
             raise ConfigError(f"{name}: {raw!r} is out of range")
         return value
 
-    def url(self, name: str, schemes: tuple[str, ...]) -> str:
-        raw = self._env.get(name, "").strip()
+    def url(self, name: str, schemes: tuple[str, ...], *, raw: str | None = None) -> str:
+        raw = (self._env.get(name, "") if raw is None else raw).strip()
         if not raw:
             raise ConfigError(f"{name}: not set (expected a {schemes[0]}:// URL)")
         try:
@@ -377,6 +394,18 @@ class _Reader:
                 f"{name}: scheme {parts.scheme or '(none)'!r} is not one of {', '.join(schemes)}"
             )
         return raw
+
+    def urls(self, name: str, schemes: tuple[str, ...]) -> str:
+        """One URL or several, comma-separated, each with a host; returned as given (minus
+        blanks around the commas)."""
+        parts = [part.strip() for part in self._env.get(name, "").split(",") if part.strip()]
+        for part in parts:
+            self.url(name, schemes, raw=part)
+            if not urlsplit(part).hostname:
+                raise ConfigError(f"{name}: {part!r} names no host")
+        if not parts:
+            self.url(name, schemes)  # says what is missing
+        return ",".join(parts)
 
     def optional_url(self, name: str, schemes: tuple[str, ...]) -> str | None:
         if not self._env.get(name, "").strip():

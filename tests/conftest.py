@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from devstack import DevServers, dev_servers
+from devstack import DevServers, ThrowawayCluster, dev_servers, throwaway_cluster
 from shared import migrate
 from shared.config import RateLimits, Settings
 from shared.db import with_database
@@ -32,6 +32,15 @@ def servers() -> Iterator[DevServers]:
         return
     with dev_servers(None, log=lambda line: None) as started:
         yield started
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[ThrowawayCluster]:
+    """A private Redis Cluster (three primaries, a replica each), started once per run by the
+    first test that asks for it (about 2 s). Tests share it as they share the one Redis: by
+    their own stream prefix. A test may fail primaries over; the cluster stays whole."""
+    with throwaway_cluster(log=lambda line: None) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

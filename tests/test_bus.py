@@ -37,7 +37,7 @@ from shared.bus.outbox import Outbox, late
 from shared.bus.relay import OutboxRelay
 from shared.config import Settings
 from shared.db import create_pool
-from shared.redis import create_redis
+from shared.redis import Redis, create_redis
 from tests.support.bus import (
     applied_order,
     assert_each_subject_in_sequence,
@@ -64,14 +64,14 @@ def relay(settings: Settings, redis: aioredis.Redis) -> OutboxRelay:
 
 
 async def stream_events(redis: aioredis.Redis, settings: Settings) -> list[dict[str, Any]]:
-    entries = await redis.xrange(settings.events_stream)
+    entries = await redis.xrange(settings.event_streams[0])
     return [msgspec.json.decode(fields[EVENT_FIELD]) for _id, fields in entries]
 
 
 async def test_event_commits_with_its_state_change_or_not_at_all(
     settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis
 ) -> None:
-    outbox = Outbox(settings.events_stream)
+    outbox = Outbox(settings.event_streams[0])
     with pytest.raises(RuntimeError):  # outside a transaction it could outlive a rollback
         async with pool.acquire() as conn:
             await outbox.emit(
@@ -122,7 +122,7 @@ async def test_an_event_written_by_its_change_s_own_statement_carries_what_the_s
     settings: Settings, pool: asyncpg.Pool
 ) -> None:
     # One statement, no BEGIN/COMMIT: the row and its event commit together or not at all.
-    outbox = Outbox(settings.events_stream)
+    outbox = Outbox(settings.event_streams[0])
     await pool.execute("CREATE TABLE things (id uuid PRIMARY KEY, name text NOT NULL)")
     # Timestamps come out in UTC even where the database's own default zone is not UTC.
     database = await pool.fetchval("SELECT current_database()")
@@ -215,11 +215,11 @@ async def test_process_killed_between_commit_and_publish_still_gets_its_event_pu
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "asyncio.run(main())\n"
     )
-    env = {**os.environ, "DATABASE_URL": settings.database_url, "STREAM": settings.events_stream}
+    env = {**os.environ, "DATABASE_URL": settings.database_url, "STREAM": settings.event_streams[0]}
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert await pool.fetchval("SELECT to_regclass('state_change') IS NOT NULL")
-    assert await redis.xlen(settings.events_stream) == 0
+    assert await redis.xlen(settings.event_streams[0]) == 0
 
     async with background(relay(settings, redis).run):
 
@@ -236,21 +236,21 @@ async def test_only_one_relay_publishes_at_a_time(
     async with background(relay(settings, redis).run), background(relay(settings, redis).run):
 
         async def published() -> bool:
-            return await redis.xlen(settings.events_stream) >= 300
+            return await redis.xlen(settings.event_streams[0]) >= 300
 
         await eventually(published)
         await asyncio.sleep(0.3)
-    assert await redis.xlen(settings.events_stream) == 300
+    assert await redis.xlen(settings.event_streams[0]) == 300
 
 
 async def pending(redis: aioredis.Redis, settings: Settings) -> int:
     """Unacked messages of the test group; -1 before the consumer has created the group."""
-    groups = await redis.xinfo_groups(settings.events_stream)
+    groups = await redis.xinfo_groups(settings.event_streams[0])
     return next((int(g["pending"]) for g in groups if g["name"] == GROUP.encode()), -1)
 
 
 def consumer(
-    settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis, handler: Any, **overrides: Any
+    settings: Settings, pool: asyncpg.Pool, redis: Redis, handler: Any, **overrides: Any
 ) -> StreamConsumer:
     return StreamConsumer(
         settings.with_overrides(**overrides) if overrides else settings,
@@ -268,7 +268,7 @@ async def publish_all(
     async with background(relay(settings, redis).run):
 
         async def published() -> bool:
-            return await redis.xlen(settings.events_stream) >= n
+            return await redis.xlen(settings.event_streams[0]) >= n
 
         await eventually(published, timeout=60)
 
@@ -315,7 +315,7 @@ async def test_a_later_event_waits_behind_an_earlier_one_that_failed_and_awaits_
         await publish_all(settings, effects, redis, 2)
         await until_applied(effects, 2)
     assert await applied_order(effects) == [("s", 1), ("s", 2)]
-    assert not await redis.xpending_range(settings.events_stream, GROUP, "-", "+", 10)
+    assert not await redis.xpending_range(settings.event_streams[0], GROUP, "-", "+", 10)
 
 
 async def test_a_redelivered_event_is_applied_once(
@@ -324,13 +324,13 @@ async def test_a_redelivered_event_is_applied_once(
     await emit_visitor_events(effects, settings, ["x"])
     await publish_all(settings, effects, redis, 1)
     # The relay crashed after XADD but before marking the row: the same event is published again.
-    [(_, fields)] = await redis.xrange(settings.events_stream)
-    await redis.xadd(settings.events_stream, {EVENT_FIELD: fields[EVENT_FIELD]})
+    [(_, fields)] = await redis.xrange(settings.event_streams[0])
+    await redis.xadd(settings.event_streams[0], {EVENT_FIELD: fields[EVENT_FIELD]})
 
     async with background(consumer(settings, effects, redis, effect_handler(0)).run):
 
         async def all_acked() -> bool:
-            groups = await redis.xinfo_groups(settings.events_stream)
+            groups = await redis.xinfo_groups(settings.event_streams[0])
             return any(g["pending"] == 0 and g["entries-read"] == 2 for g in groups)
 
         await eventually(all_acked)
@@ -349,7 +349,7 @@ async def test_a_failing_event_is_dead_lettered_after_n_deliveries_garbage_at_on
             raise ValueError("this event can never be applied")
         await effect_handler(0)(event, conn)
 
-    garbage = await redis.xadd(settings.events_stream, {EVENT_FIELD: b"{not json"})
+    garbage = await redis.xadd(settings.event_streams[0], {EVENT_FIELD: b"{not json"})
     await emit_visitor_events(effects, settings, ["ok-1", bad_subject, "ok-2", "ok-3"])
     await publish_all(settings, effects, redis, 5)
 
@@ -703,7 +703,7 @@ async def test_the_cli_lists_and_replays_dead_letters(
     code, replayed, err = await cli(settings, "dlq", "replay", "--group", "crm")
     assert (code, replayed) == (0, {"group": "crm", "replayed": 130}), err
     assert await redis.xlen(dead) == 0
-    replayed_events = [f[EVENT_FIELD] for _id, f in await redis.xrange(settings.events_stream)]
+    replayed_events = [f[EVENT_FIELD] for _id, f in await redis.xrange(settings.event_streams[0])]
     assert replayed_events == [b'{"id":"e%d"}' % i for i in range(250)]  # in their order
 
 

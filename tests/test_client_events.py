@@ -118,7 +118,7 @@ async def test_the_example_consumer_receives_contact_authenticated_typed_and_ack
         True,
     )
     assert f"contact {token.contact_id} authenticated" in capsys.readouterr().out
-    assert await pending(redis, settings.events_stream) == 0
+    assert await pending(redis, settings.event_streams[0]) == 0
 
 
 async def test_unknown_event_types_are_acked_and_skipped(

@@ -86,7 +86,7 @@ async def published_contact_event(
     pool: asyncpg.Pool, settings: Settings, org: Org, contact: str
 ) -> None:
     """What token issuance left behind: a published event carrying the contact's email."""
-    outbox = Outbox(settings.events_stream)
+    outbox = Outbox(settings.event_streams[0])
 
     async def emit(conn: asyncpg.Connection) -> None:
         await outbox.emit(
@@ -318,7 +318,7 @@ async def test_erasure_waits_for_a_merge_in_flight_and_erases_what_it_moved(
     contact = await make_contact(pool, org)
     visitor = await make_visitor(pool, org)
     moved = await add_conversations(pool, org, visitor_id=visitor, count=3)
-    outbox = Outbox(settings.events_stream)
+    outbox = Outbox(settings.event_streams[0])
     async with pool.acquire() as conn:
         merge = conn.transaction()
         await merge.start()
@@ -347,12 +347,14 @@ async def test_a_merge_arriving_during_erasure_waits_and_then_fails(
         erasure = eraser.transaction()
         await erasure.start()
         # The erasure holds the contact row; a merge into it now must wait, then see the tombstone.
-        await erase_contact(eraser, Outbox(settings.events_stream), org.id, contact)
+        await erase_contact(eraser, Outbox(settings.event_streams[0]), org.id, contact)
         request = merge_request(org, target_contact_id=contact, source_visitor_id=visitor)
 
         async def merge(conn: asyncpg.Connection) -> str:
             return (
-                await apply_requested_merge(conn, Outbox(settings.events_stream), org.id, request)
+                await apply_requested_merge(
+                    conn, Outbox(settings.event_streams[0]), org.id, request
+                )
             ).status
 
         merging = asyncio.create_task(in_transaction(pool, merge))
@@ -391,7 +393,7 @@ async def test_erasure_racing_many_merges_into_the_contact_leaves_nothing_behind
         )
     )
     try:
-        outbox = Outbox(settings.events_stream)
+        outbox = Outbox(settings.event_streams[0])
 
         async def merge(data: Any, delay: float) -> str:
             async def work(conn: asyncpg.Connection) -> str:

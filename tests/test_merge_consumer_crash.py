@@ -35,12 +35,12 @@ PER_VISITOR = 2
 
 
 async def pending(redis: aioredis.Redis, settings: Settings) -> int:
-    summary = await redis.xpending(settings.events_stream, GROUP)
+    summary = await redis.xpending(settings.event_streams[0], GROUP)
     return int(summary["pending"])
 
 
 async def unread(redis: aioredis.Redis, settings: Settings) -> int | None:
-    groups = {g["name"]: g for g in await redis.xinfo_groups(settings.events_stream)}
+    groups = {g["name"]: g for g in await redis.xinfo_groups(settings.event_streams[0])}
     group = groups.get(GROUP.encode())
     return None if group is None else group["lag"]
 

@@ -163,7 +163,7 @@ def drained(redis: aioredis.Redis, settings: Settings) -> Any:
     """True once the history group has read every entry of the stream and acked it."""
 
     async def check() -> bool:
-        groups = {g["name"]: g for g in await redis.xinfo_groups(settings.events_stream)}
+        groups = {g["name"]: g for g in await redis.xinfo_groups(settings.event_streams[0])}
         group = groups.get(GROUP.encode())
         return group is not None and group["pending"] == 0 and group["lag"] == 0
 
@@ -324,7 +324,7 @@ async def apply_all_at_once(settings: Settings, org: Org, requests: list[Any]) -
         )
     )
     try:
-        outbox = Outbox(settings.events_stream)
+        outbox = Outbox(settings.event_streams[0])
         return await asyncio.gather(*(apply_without_retry(wide, outbox, org, r) for r in requests))
     finally:
         await wide.close()

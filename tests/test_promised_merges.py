@@ -85,14 +85,14 @@ async def deliver_late(redis: aioredis.Redis, pool: asyncpg.Pool, settings: Sett
     )
     pipe = redis.pipeline(transaction=False)
     for row in rows:
-        pipe.xadd(settings.events_stream, {EVENT_FIELD: row["payload"]})
+        pipe.xadd(settings.event_streams[0], {EVENT_FIELD: row["payload"]})
     await pipe.execute()
     return len(rows)
 
 
 def drained(redis: aioredis.Redis, settings: Settings) -> Any:
     async def check() -> bool:
-        groups = {g["name"]: g for g in await redis.xinfo_groups(settings.events_stream)}
+        groups = {g["name"]: g for g in await redis.xinfo_groups(settings.event_streams[0])}
         group = groups.get(GROUP.encode())
         return group is not None and group["pending"] == 0 and group["lag"] == 0
 
@@ -185,7 +185,7 @@ async def test_promise_13_the_worker_and_the_consumer_racing_apply_each_merge_on
             moved[(await login(api, org, first["visitorToken"], token))["id"]] = said
 
         eager = settings.with_overrides(merge_pending_timeout=0.001)
-        workers = [OverdueMerges(eager, pool, Outbox(settings.events_stream)) for _ in range(2)]
+        workers = [OverdueMerges(eager, pool, Outbox(settings.event_streams[0])) for _ in range(2)]
         await asyncio.gather(
             deliver_late(redis, pool, settings), *(worker.sweep() for worker in workers)
         )
@@ -259,7 +259,7 @@ async def test_promise_13_the_worker_walks_every_overdue_request_once_across_pag
         visitors,
     )
     worker = OverdueMerges(
-        settings.with_overrides(merge_pending_timeout=1.0), pool, Outbox(settings.events_stream)
+        settings.with_overrides(merge_pending_timeout=1.0), pool, Outbox(settings.event_streams[0])
     )
     assert await worker.sweep() == len(visitors)
     assert await pool.fetchval(

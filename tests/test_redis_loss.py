@@ -134,9 +134,9 @@ async def merge_consumer_group_exists(settings: Settings) -> None:
         try:
 
             async def created() -> bool:
-                if not await client.exists(settings.events_stream):
+                if not await client.exists(settings.event_streams[0]):
                     return False
-                groups = await client.xinfo_groups(settings.events_stream)
+                groups = await client.xinfo_groups(settings.event_streams[0])
                 return any(g["name"] == history.GROUP.encode() for g in groups)
 
             await eventually(created, timeout=10)
@@ -156,7 +156,7 @@ async def nothing_pending(settings: Settings) -> None:
     try:
 
         async def acknowledged() -> bool:
-            summary = await client.xpending(settings.events_stream, history.GROUP)
+            summary = await client.xpending(settings.event_streams[0], history.GROUP)
             return int(summary["pending"]) == 0
 
         await eventually(acknowledged, timeout=20)

@@ -38,7 +38,7 @@ async def remaining(redis: aioredis.Redis, stream: str) -> list[bytes]:
 async def test_trimming_never_drops_pending_or_undelivered_entries(
     settings: Settings, redis: aioredis.Redis
 ) -> None:
-    stream = settings.events_stream
+    stream = settings.event_streams[0]
     ids = await fill(redis, stream, 1000)
     await redis.xgroup_create(stream, "fast", id="0")
     await redis.xgroup_create(stream, "slow", id="0")
@@ -65,7 +65,7 @@ async def test_trimming_never_drops_pending_or_undelivered_entries(
 async def test_acknowledged_entries_stay_for_the_retention_period(
     settings: Settings, redis: aioredis.Redis
 ) -> None:
-    stream = settings.events_stream
+    stream = settings.event_streams[0]
     await fill(redis, stream, 50)
     await redis.xgroup_create(stream, "g", id="0")
     await redis.xack(stream, "g", *await read(redis, stream, "g", 50))
@@ -80,7 +80,7 @@ async def test_acknowledged_entries_stay_for_the_retention_period(
 async def test_a_group_that_never_read_keeps_the_whole_stream(
     settings: Settings, redis: aioredis.Redis
 ) -> None:
-    stream = settings.events_stream
+    stream = settings.event_streams[0]
     await fill(redis, stream, 20)
     await redis.xgroup_create(stream, "new-consumer", id="0")
     assert await trim_stream(redis, stream, retention_ms=0) == 0
@@ -90,7 +90,7 @@ async def test_a_group_that_never_read_keeps_the_whole_stream(
 async def test_without_groups_only_age_decides_and_a_missing_stream_is_fine(
     settings: Settings, redis: aioredis.Redis
 ) -> None:
-    stream = settings.events_stream
+    stream = settings.event_streams[0]
     assert await trim_stream(redis, stream, retention_ms=0) == 0
     assert not await redis.exists(stream)
     await fill(redis, stream, 5)
@@ -111,11 +111,11 @@ async def test_every_relay_process_trims_what_its_consumers_acknowledged(
             await mint_contact_token(api, org, userId=f"u{i}")
 
         async def trimmed_to_the_last_acknowledged() -> bool:
-            groups = await redis.xinfo_groups(settings.events_stream)
+            groups = await redis.xinfo_groups(settings.event_streams[0])
             done = len(groups) >= 2 and all(
                 g["pending"] == 0 and g["last-delivered-id"] != b"0-0" for g in groups
             )
-            return done and await redis.xlen(settings.events_stream) == 1
+            return done and await redis.xlen(settings.event_streams[0]) == 1
 
         await eventually(trimmed_to_the_last_acknowledged)
 
@@ -125,7 +125,7 @@ async def test_a_group_acknowledging_or_vanishing_mid_trim_does_not_stop_the_tri
 ) -> None:
     # The real race, made deterministic: between XINFO GROUPS and XPENDING the consumer acks
     # everything it held (group "a") and another group is deleted (group "b").
-    stream = settings.events_stream
+    stream = settings.event_streams[0]
     ids = await fill(redis, stream, 3)
     for group in ("a", "b"):
         await redis.xgroup_create(stream, group, id="0")

@@ -339,7 +339,7 @@ async def test_rate_limit_defaults_come_from_the_environment(settings: Settings)
 
 
 async def read_events(redis: aioredis.Redis, settings: Settings) -> list[Any]:
-    entries = await redis.xrange(settings.events_stream)
+    entries = await redis.xrange(settings.event_streams[0])
     return [event_decoder.decode(fields[EVENT_FIELD]) for _, fields in entries]
 
 

@@ -100,7 +100,7 @@ async def test_a_login_merge_is_one_trace_from_the_request_to_the_consumers_tran
 
     # The relay's publish of that event: a child of the request, in its trace.
     [publish] = [s for s in spans if s.kind is SpanKind.PRODUCER and about_the_event(s)]
-    assert publish.name == f"publish {settings.events_stream}"
+    assert publish.name == f"publish {settings.event_streams[0]}"
     assert parent_ids(publish) == request_span_ids
 
     # The merge consumer's handling: also a child of the request, around its transaction.

@@ -31,12 +31,12 @@ from collections.abc import Sequence
 
 import asyncpg
 import msgspec
-import redis.asyncio as aioredis
 
 from services.history.erasure import ERASURE_EVENT_TYPES
 from shared.bus.events import EVENT_FIELD, ContactErased, header_decoder
 from shared.bus.messages import stream_entries
 from shared.config import Settings
+from shared.redis import Redis
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ _PAGE = 500
 
 
 class EventScrubber:
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
         self._redis = redis
         self._settings = settings
 

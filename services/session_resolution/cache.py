@@ -28,9 +28,8 @@ from collections.abc import Awaitable
 from typing import Any, Literal
 
 import msgspec
-import redis.asyncio as aioredis
 
-from shared.redis import TRANSIENT_REDIS_ERRORS, RedisBreaker
+from shared.redis import TRANSIENT_REDIS_ERRORS, Redis, RedisBreaker
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ _encoder = msgspec.msgpack.Encoder()
 
 
 class SessionCache:
-    def __init__(self, redis: aioredis.Redis, prefix: str, breaker: RedisBreaker) -> None:
+    def __init__(self, redis: Redis, prefix: str, breaker: RedisBreaker) -> None:
         self._redis = redis
         self._breaker = breaker
         self._prefix = f"{prefix}sr:"

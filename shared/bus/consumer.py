@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import asyncpg
-import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
 
@@ -33,7 +32,13 @@ from shared.bus.ordering import SubjectOrder
 from shared.bus.outbox import OUTBOX, Outbox
 from shared.config import SETTINGS, Settings
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
-from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS, block_within_timeout
+from shared.redis import (
+    TRANSIENT_REDIS_ERRORS,
+    WORKER_REDIS,
+    Redis,
+    block_within_timeout,
+    node_demoted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,7 @@ class StreamConsumer:
         self,
         settings: Settings,
         pool: asyncpg.Pool,
-        redis: aioredis.Redis,
+        redis: Redis,
         *,
         group: str,
         handlers: Mapping[type[Event], Handler],
@@ -113,6 +118,14 @@ class StreamConsumer:
                 # back within seconds of its dependency (see tests/test_faults.py).
                 backoff = min(backoff * 2, 4.0)
             except redis.exceptions.ResponseError as exc:
+                if node_demoted(exc):
+                    # A cluster failover cut our blocking read short: the next read goes to
+                    # the new primary. The acks that travelled with it are sent again with
+                    # the next read (acking twice is harmless); our pending entries come first.
+                    log.warning(
+                        "stream's node failed over; reading again", extra={"group": self.group}
+                    )
+                    continue
                 if "NOGROUP" not in str(exc):
                     raise
                 # The stream or group was deleted under us: recreate and carry on.

@@ -14,13 +14,11 @@ import logging
 import time
 from datetime import UTC, datetime
 
-import redis.asyncio as aioredis
-
 from shared.bus.events import EVENT_FIELD
 from shared.bus.handlers import PoisonMessage
 from shared.bus.messages import Message, Outcome, stream_entries
 from shared.config import Settings
-from shared.redis import as_str
+from shared.redis import Redis, as_str
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +28,7 @@ _REPLAY_BATCH = 100
 class FailurePolicy:
     """Decides, for one consumer group, what becomes of a message whose handler failed."""
 
-    def __init__(
-        self, settings: Settings, redis: aioredis.Redis, *, stream: str, group: str
-    ) -> None:
+    def __init__(self, settings: Settings, redis: Redis, *, stream: str, group: str) -> None:
         self.redis = redis
         self.stream = stream
         self.group = group
@@ -76,7 +72,7 @@ class FailurePolicy:
 
 
 async def dead_letters(
-    redis: aioredis.Redis, settings: Settings, group: str, *, count: int = 100
+    redis: Redis, settings: Settings, group: str, *, count: int = 100
 ) -> list[dict[str, str]]:
     """The group's first ``count`` dead letters of each partition, partition by partition
     (each entry names its ``stream``: the partition it came from)."""
@@ -90,7 +86,7 @@ async def dead_letters(
 
 
 async def replay_dead_letters(
-    redis: aioredis.Redis, settings: Settings, group: str, *, count: int | None = None
+    redis: Redis, settings: Settings, group: str, *, count: int | None = None
 ) -> int:
     """Put dead letters back on the partition they came from (same event ids, so consumers
     that already applied them skip them) and remove them from the dead-letter stream: a batch

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from shared import db
 from shared.bus.consumer import StreamConsumer, default_consumer_name
@@ -26,7 +25,7 @@ from shared.bus.handlers import Handler
 from shared.bus.leases import LeaseLost, PartitionLeases
 from shared.config import Settings
 from shared.lifecycle import sleep_or_stop
-from shared.redis import TRANSIENT_REDIS_ERRORS, block_within_timeout
+from shared.redis import TRANSIENT_REDIS_ERRORS, Redis, block_within_timeout
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ class PartitionedConsumer:
         self,
         settings: Settings,
         pool: asyncpg.Pool,
-        redis: aioredis.Redis,
+        redis: Redis,
         *,
         group: str,
         handlers: Mapping[type[Event], Handler],

@@ -15,7 +15,8 @@ lost volume) must not lose a promised event: Postgres is the source of truth. So
 - a *checkpoint* per stream (``stream_checkpoints``) holds the highest outbox id that every
   consumer group has acknowledged, refreshed from the groups' pending lists every few
   seconds — Postgres knows what is safely behind everyone;
-- a *mark* beside each stream (``<stream>:published``) holds the highest outbox id
+- a *mark* beside each stream (``<stream>:published``, in the stream's hash slot when the
+  stream carries a tag, as it always does on a Redis Cluster) holds the highest outbox id
   published there, written in the same pipeline as every batch. It is read back before every
   batch (same pipeline) and about once a second when idle: missing, or lower than what this
   leader wrote, means Redis lost writes. Then every row after the checkpoint is marked
@@ -32,7 +33,6 @@ import logging
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from shared import db
@@ -41,7 +41,7 @@ from shared.bus.retention import acknowledged_bound, parse_id
 from shared.config import SETTINGS, Settings
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
 from shared.observability import EVENTS_PUBLISHED, EVENTS_REDRIVEN, OUTBOX_BACKLOG
-from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS
+from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS, Redis
 from shared.tracing import publishing
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,10 @@ _NOTIFY_CHANNEL = "wi_outbox"
 
 
 def mark_key(stream: str) -> str:
-    """Where the relay notes the highest outbox id it published to ``stream``."""
+    """Where the relay notes the highest outbox id it published to ``stream``. On a cluster
+    the stream's name carries its hash tag, so the mark lies on the stream's slot, on the
+    same node: a failover that loses part of the stream loses the mark's update with it
+    rather than leaving it to vouch for entries that are gone."""
     return f"{stream}:published"
 
 
@@ -77,7 +80,7 @@ class OutboxRelay:
     def __init__(
         self,
         settings: Settings,
-        redis: aioredis.Redis,
+        redis: Redis,
         *,
         poll_interval: float = 1.0,
         retention_hours: int = 24,

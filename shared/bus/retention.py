@@ -15,14 +15,13 @@ import logging
 import time
 from typing import cast
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import ResponseError
 
 from shared.config import SETTINGS, Settings
 from shared.lifecycle import Worker, add_worker, sleep_or_stop
 from shared.observability import STREAM_ENTRIES, STREAM_TRIMMED
-from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS, as_str
+from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS, Redis, as_str
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ def parse_id(raw: bytes | str) -> StreamId:
     return int(ms), int(seq or 0)
 
 
-async def acknowledged_bound(redis: aioredis.Redis, stream: str) -> StreamId | None:
+async def acknowledged_bound(redis: Redis, stream: str) -> StreamId | None:
     """The lowest id some consumer group may still need: entries below it were delivered to
     and acknowledged by every group. A group's oldest pending entry counts (it may be retried
     or reclaimed), and so does everything after its last-delivered id (not read yet). With no
@@ -76,7 +75,7 @@ async def acknowledged_bound(redis: aioredis.Redis, stream: str) -> StreamId | N
     return bound
 
 
-async def trim_bound(redis: aioredis.Redis, stream: str, *, retention_ms: int) -> StreamId:
+async def trim_bound(redis: Redis, stream: str, *, retention_ms: int) -> StreamId:
     """The lowest id that must stay: entries below it are old enough and acknowledged by
     every group."""
     now_ms = int(time.time() * 1000)
@@ -86,7 +85,7 @@ async def trim_bound(redis: aioredis.Redis, stream: str, *, retention_ms: int) -
     return min((max(0, now_ms - retention_ms), 0), acknowledged)
 
 
-async def trim_stream(redis: aioredis.Redis, stream: str, *, retention_ms: int) -> int:
+async def trim_stream(redis: Redis, stream: str, *, retention_ms: int) -> int:
     """Remove what no group still needs; returns how many entries went."""
     bound = await trim_bound(redis, stream, retention_ms=retention_ms)
     if bound == (0, 0):
@@ -98,7 +97,7 @@ async def trim_stream(redis: aioredis.Redis, stream: str, *, retention_ms: int) 
 
 
 class StreamRetention:
-    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+    def __init__(self, settings: Settings, redis: Redis) -> None:
         self._streams = settings.event_streams
         self._redis = redis
         self._retention_ms = int(settings.stream_retention_seconds * 1000)

@@ -13,10 +13,9 @@ from typing import Any
 
 import asyncpg
 import msgspec
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from shared.redis import as_str
+from shared.redis import Redis, as_str
 
 
 class GroupStatus(msgspec.Struct, frozen=True, rename="camel"):
@@ -42,7 +41,7 @@ class StreamStatus(msgspec.Struct, frozen=True, rename="camel"):
 
 
 async def stream_status(
-    pool: asyncpg.Pool, redis: aioredis.Redis, streams: tuple[str, ...]
+    pool: asyncpg.Pool, redis: Redis, streams: tuple[str, ...]
 ) -> list[StreamStatus]:
     """``streams`` and every other stream the outbox still has rows to publish to (a layout
     changed without draining shows up here), one Redis call per stream (each its own slot

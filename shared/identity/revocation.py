@@ -8,7 +8,8 @@ first sight of a contact and kept for ``ttl`` seconds as a safety net. A token t
 therefore costs no round trip at all. Every process also runs ``RevocationListener``:
 
 - it subscribes to the pub/sub channel ``{prefix}revocations``, on which the revoking process
-  PUBLISHes right after commit (the fast path: milliseconds, no wait for the relay), and
+  PUBLISHes right after commit (the fast path: milliseconds, no wait for the relay; on a
+  Redis Cluster a PUBLISH reaches every node, so the listener subscribes on any one), and
 - it tails the events stream with plain XREAD (no consumer group: every replica must see
   every revocation) for ``contact.tokens_revoked`` and ``contact.erased`` (the reliable path:
   erasure by another service, or a PUBLISH lost in a crash).
@@ -41,8 +42,9 @@ from typing import Any, Literal, Protocol, cast
 
 import asyncpg
 import msgspec
-import redis.asyncio as aioredis
+import redis.exceptions
 from aiohttp import web
+from redis.asyncio.client import PubSub
 
 from shared.bus.events import (
     EVENT_FIELD,
@@ -53,7 +55,14 @@ from shared.bus.events import (
 )
 from shared.config import SETTINGS, Settings
 from shared.lifecycle import add_worker, sleep_or_stop
-from shared.redis import TRANSIENT_REDIS_ERRORS, WORKER_REDIS, block_within_timeout
+from shared.redis import (
+    TRANSIENT_REDIS_ERRORS,
+    WORKER_REDIS,
+    Redis,
+    block_within_timeout,
+    node_demoted,
+    subscriber,
+)
 
 log = logging.getLogger(__name__)
 
@@ -195,29 +204,27 @@ class RevocationCache:
         return len(self._entries)
 
 
-async def announce_revocation(redis: aioredis.Redis, settings: Settings, contact_id: str) -> None:
+async def announce_revocation(redis: Redis, settings: Settings, contact_id: str) -> None:
     """Tell every process at once (best effort: the stream event is the reliable path)."""
     await _announce(redis, settings, _CONTACT + contact_id.encode())
 
 
-async def announce_key_deleted(redis: aioredis.Redis, settings: Settings, kid: str) -> None:
+async def announce_key_deleted(redis: Redis, settings: Settings, kid: str) -> None:
     await _announce(redis, settings, _KID + kid.encode())
 
 
-async def announce_key_added(redis: aioredis.Redis, settings: Settings, kid: str) -> None:
+async def announce_key_added(redis: Redis, settings: Settings, kid: str) -> None:
     """A new signing key exists: verifiers that looked for it in the last second and cached
     "unknown" look again at once instead of rejecting a brand-new org's first logins."""
     await _announce(redis, settings, _NEW_KID + kid.encode())
 
 
-async def announce_change(
-    redis: aioredis.Redis, settings: Settings, change: CredentialChange
-) -> None:
+async def announce_change(redis: Redis, settings: Settings, change: CredentialChange) -> None:
     """Right after the change committed: every process drops what it makes stale."""
     await _announce(redis, settings, change.message())
 
 
-async def _announce(redis: aioredis.Redis, settings: Settings, message: bytes) -> None:
+async def _announce(redis: Redis, settings: Settings, message: bytes) -> None:
     try:
         await redis.publish(revocation_channel(settings), message)
     except TRANSIENT_REDIS_ERRORS as exc:
@@ -306,7 +313,7 @@ class RevocationListener:
     def __init__(
         self,
         settings: Settings,
-        redis: aioredis.Redis,
+        redis: Redis,
         feed: RevocationFeed,
         *,
         block_ms: int = 1000,
@@ -328,6 +335,10 @@ class RevocationListener:
                 await self._listen(stop)
             except TRANSIENT_REDIS_ERRORS as exc:
                 log.warning("revocation listener disconnected", extra={"error": repr(exc)})
+            except redis.exceptions.ResponseError as exc:
+                if not node_demoted(exc):
+                    raise
+                log.warning("revocation listener's node failed over", extra={"error": repr(exc)})
             finally:
                 self._feed.set_live(False)
             # A listener that ran a while was connected: the next outage starts from a short
@@ -339,7 +350,7 @@ class RevocationListener:
             backoff = min(backoff * 2, 5.0)
 
     async def _listen(self, stop: asyncio.Event) -> None:
-        pubsub = self._redis.pubsub()
+        pubsub = await subscriber(self._redis)  # on a cluster: a node picked at random
         try:
             await pubsub.subscribe(self._channel)
             # Start after the stream's current last entry; go live (clearing every cache) only
@@ -375,7 +386,7 @@ class RevocationListener:
         entries = cast(list[tuple[bytes, Any]], await self._redis.xrevrange(stream, count=1))
         return entries[0][0] if entries else b"0-0"
 
-    async def _pump_pubsub(self, pubsub: aioredis.client.PubSub) -> None:
+    async def _pump_pubsub(self, pubsub: PubSub) -> None:
         subscriptions = 0
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)

@@ -1,6 +1,7 @@
 """Rate limits shared by every replica: fixed one-minute windows counted in Redis.
 
-One round trip (a small Lua script, so one command however many limits) checks several limits at once (per IP, per widget token, per
+One round trip (a small Lua script, so one command however many limits; on a Redis Cluster
+one per slot, sent together) checks several limits at once (per IP, per widget token, per
 visitor...). Fixed windows allow a burst of up to 2x at a window edge; that is accepted for
 abuse protection, which is what these limits are for.
 
@@ -11,16 +12,17 @@ callers are not turned away for an outage of the counter.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from shared.errors import rate_limited
-from shared.redis import TRANSIENT_REDIS_ERRORS, RedisBreaker
+from shared.redis import TRANSIENT_REDIS_ERRORS, Redis, RedisBreaker
 
 WINDOW_SECONDS = 60
 
@@ -70,7 +72,7 @@ class LocalWindows:
 
 
 class RateLimiter:
-    def __init__(self, redis: aioredis.Redis, prefix: str, breaker: RedisBreaker) -> None:
+    def __init__(self, redis: Redis, prefix: str, breaker: RedisBreaker) -> None:
         self._redis = redis
         self._prefix = prefix
         self._breaker = breaker
@@ -111,7 +113,7 @@ class FailureThrottle:
     def _key(self, key: str, window: int) -> str:
         return f"{self._prefix}rl:fail:{key}:{window}"
 
-    async def check(self, redis: aioredis.Redis, breaker: RedisBreaker, key: str) -> None:
+    async def check(self, redis: Redis, breaker: RedisBreaker, key: str) -> None:
         now = time.time()
         window = int(now // WINDOW_SECONDS)
         name = self._key(key, window)
@@ -123,7 +125,7 @@ class FailureThrottle:
         if count >= self._per_minute:
             raise rate_limited(_retry_after(window, now))
 
-    async def record(self, redis: aioredis.Redis, breaker: RedisBreaker, key: str) -> None:
+    async def record(self, redis: Redis, breaker: RedisBreaker, key: str) -> None:
         name = self._key(key, int(time.time() // WINDOW_SECONDS))
         try:
             await breaker.call(lambda: _count(redis, [name]))
@@ -131,8 +133,31 @@ class FailureThrottle:
             self._local.incr([name])
 
 
-async def _count(redis: aioredis.Redis, keys: list[str]) -> list[int]:
-    """INCR every key in one round trip; a key gets its expiry when this call created it."""
+async def _count(redis: Redis, keys: list[str]) -> list[int]:
+    """INCR every key in one round trip; a key gets its expiry when this call created it.
+
+    On a cluster a script's keys must share a slot, and one request's limits (per IP, per
+    widget token, per visitor) do not: one script call per slot then, all sent at once, so
+    still one round trip's wait. (A hash tag common to every limit would put the whole
+    service's counting on one node.)"""
+    if isinstance(redis, RedisCluster) and len(keys) > 1:
+        by_slot: dict[int, list[int]] = {}
+        for at, key in enumerate(keys):
+            by_slot.setdefault(redis.keyslot(key), []).append(at)
+        if len(by_slot) > 1:
+            groups = list(by_slot.values())
+            replies = await asyncio.gather(
+                *(_count_in_one_slot(redis, [keys[at] for at in group]) for group in groups)
+            )
+            counts = [0] * len(keys)
+            for group, reply in zip(groups, replies, strict=True):
+                for at, count in zip(group, reply, strict=True):
+                    counts[at] = count
+            return counts
+    return await _count_in_one_slot(redis, keys)
+
+
+async def _count_in_one_slot(redis: Redis, keys: list[str]) -> list[int]:
     ttl = WINDOW_SECONDS * 2
     try:
         counts: list[int] = await redis.evalsha(_COUNT_SHA, len(keys), *keys, ttl)

@@ -20,6 +20,7 @@ async def cli(settings: Settings, *args: str) -> tuple[int, Any, str]:
         **os.environ,
         "DATABASE_URL": settings.database_url,
         "REDIS_URL": settings.redis_url,
+        "REDIS_CLUSTER": "true" if settings.redis_cluster else "false",
         "KEY_ENCRYPTION_KEY": base64.urlsafe_b64encode(settings.key_encryption_key).decode(),
         "STREAM_PREFIX": settings.stream_prefix,
         "STREAM_PARTITIONS": str(settings.stream_partitions),

@@ -230,7 +230,7 @@ async def emit_merge_requests(
     pool: asyncpg.Pool, settings: Settings, org: Org, requests: Iterable[MergeRequestedData]
 ) -> None:
     """Commit merge requests through the outbox, as the session service does on login."""
-    outbox = Outbox(settings.events_stream)
+    outbox = Outbox(settings.event_streams[0])
     async with pool.acquire() as conn, conn.transaction():
         for data in requests:
             await outbox.emit(
@@ -248,7 +248,7 @@ async def publish(
     """Put events straight on the stream (to deliver one event several times)."""
     pipe = redis.pipeline(transaction=False)
     for event in events:
-        pipe.xadd(settings.events_stream, {EVENT_FIELD: encode_event(event)})
+        pipe.xadd(settings.event_streams[0], {EVENT_FIELD: encode_event(event)})
     await pipe.execute()
 
 

@@ -128,12 +128,13 @@ class EventConsumer:
 
     ``start_id``: where a group created here starts: ``"0"`` (default) is every event still
     in the stream, ``"$"`` only events published from now on. ``batch`` entries per read;
-    a read waits up to ``block_ms`` for new entries.
+    a read waits up to ``block_ms`` for new entries. ``redis`` may be a cluster client
+    (``redis.asyncio.RedisCluster``): every command here names the one stream.
     """
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: aioredis.Redis | aioredis.RedisCluster,
         *,
         group: str,
         consumer: str | None = None,
