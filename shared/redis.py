@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 # What every caller holds: one Redis server, or a Redis Cluster (REDIS_CLUSTER=true). Both
 # speak the same commands; what differs is told where it matters (``subscriber``, the rate
-# limiter's script, the hash tags of ``shared.key_slots``).
+# limiter's script, the event streams' hash tags in ``Settings.event_streams``).
 Redis: TypeAlias = aioredis.Redis | RedisCluster
 
 # Two clients per process, because they differ in what may be repeated (see create_redis):
