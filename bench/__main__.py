@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-merge", action="store_true")
+    parser.add_argument(
+        "--skip-pooling", action="store_true", help="skip the session path through PgBouncer"
+    )
     parser.add_argument("--skip-growth", action="store_true")
     parser.add_argument(
         "--python-load", action="store_true", help="use bench/load.py even when wrk is installed"
@@ -95,6 +98,12 @@ def main() -> None:
 
             print("paths against their floors (same run, same load generator):", flush=True)
             for line in asyncio.run(run_http(args, env, prepare(servers), workdir)):
+                print(line, flush=True)
+        if not args.skip_pooling:
+            from bench.pooling import run_pooling
+
+            print("the session path through PgBouncer next to direct:", flush=True)
+            for line in asyncio.run(run_pooling(args, env, workdir)):
                 print(line, flush=True)
         if not args.skip_merge:
             from bench.merges import run_merges
