@@ -16,10 +16,20 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from devstack import DevServers, ThrowawayCluster, dev_servers, throwaway_cluster
+from devstack import (
+    DevServers,
+    DevStackError,
+    PgBouncer,
+    ThrowawayCluster,
+    dev_servers,
+    pgbouncer,
+    throwaway_cluster,
+)
+from devstack.binaries import find_pgbouncer
 from shared import migrate
 from shared.config import RateLimits, Settings
 from shared.db import with_database
+from tests.support.tools import missing
 
 ADMIN_TOKEN = "test-admin-token-" + "x" * 16
 
@@ -121,3 +131,19 @@ async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     if keys:
         await client.delete(*keys)
     await client.aclose()
+
+
+# PgBouncer's pool per database in the tests: fewer server connections than any client pool.
+SERVER_CONNECTIONS = 3
+
+
+@pytest.fixture(scope="session")
+def bouncer(servers: DevServers) -> Iterator[PgBouncer]:
+    """One PgBouncer in front of the test Postgres for the whole session (each test's
+    database gets its own pool in it)."""
+    try:
+        find_pgbouncer()
+    except DevStackError as exc:
+        missing(f"{exc}: the tests of the PgBouncer layout need it")
+    with pgbouncer(servers.database_url, pool_size=SERVER_CONNECTIONS, log=lambda _: None) as b:
+        yield b

@@ -131,7 +131,8 @@ async def redis_leftovers(redis: aioredis.Redis, prefix: str) -> dict[str, list[
 async def stream_types(redis: aioredis.Redis, settings: Settings) -> list[str]:
     return [
         (fields or {}).get(EVENT_FIELD, b"").decode()
-        for _id, fields in await redis.xrange(settings.event_streams[0])
+        for stream in settings.event_streams
+        for _id, fields in await redis.xrange(stream)
     ]
 
 
@@ -175,13 +176,14 @@ async def test_promise_12_erasure_leaves_nothing_in_any_store_and_the_browsers_s
     # names them, and an entry the relay put there for an outbox row the erasure will find
     # already gone (a batch in flight), which only a scan of the stream can find.
     await eventually(lambda: _published(redis, settings, EMAIL))
-    [authenticated] = [
-        fields
-        for _id, fields in await redis.xrange(settings.event_streams[0])
+    [(stream, authenticated)] = [
+        (stream, fields)
+        for stream in settings.event_streams
+        for _id, fields in await redis.xrange(stream)
         if fields and EMAIL.encode() in fields[EVENT_FIELD]
     ]
     await redis.xadd(
-        settings.dead_letter_stream("history"),
+        settings.dead_letter_stream("history", stream),
         {
             EVENT_FIELD: authenticated[EVENT_FIELD],
             b"group": b"history",
@@ -189,7 +191,7 @@ async def test_promise_12_erasure_leaves_nothing_in_any_store_and_the_browsers_s
         },
     )
     # (A relay that crashed before marking a row published puts the same payload there again.)
-    await redis.xadd(settings.event_streams[0], {EVENT_FIELD: authenticated[EVENT_FIELD]})
+    await redis.xadd(stream, {EVENT_FIELD: authenticated[EVENT_FIELD]})
     assert await postgres_leftovers(pool)
     assert await redis_leftovers(redis, settings.stream_prefix)
 
@@ -245,5 +247,8 @@ async def _merge_done(api: Api, org: OrgFixture, merge_id: str) -> bool:
 
 
 async def _published(redis: aioredis.Redis, settings: Settings, needle: str) -> bool:
-    entries: list[Any] = await redis.xrange(settings.event_streams[0]) or []
-    return any(needle.encode() in fields.get(EVENT_FIELD, b"") for _id, fields in entries)
+    for stream in settings.event_streams:
+        entries: list[Any] = await redis.xrange(stream) or []
+        if any(needle.encode() in fields.get(EVENT_FIELD, b"") for _id, fields in entries):
+            return True
+    return False

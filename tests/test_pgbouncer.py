@@ -14,15 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from devstack import DevServers, DevStackError, PgBouncer, pgbouncer, processes
-from devstack.binaries import find_pgbouncer
+from devstack import DevServers, PgBouncer, pgbouncer, processes
 from services import all_in_one
 from services.history.consumers import GROUP
 from shared import db
@@ -30,27 +29,14 @@ from shared.bus import relay
 from shared.config import Settings
 from shared.db import create_pool
 from tests import test_partitions
+from tests.conftest import SERVER_CONNECTIONS
 from tests.support.bus import create_effects
 from tests.support.journeys import chat_anonymously, log_in
 from tests.support.server import eventually, running
 from tests.support.tokens import mint_contact_token, provision_org
-from tests.support.tools import missing
 
-SERVER_CONNECTIONS = 3  # PgBouncer's pool per database: fewer than any client pool below
 DIRECT = "wi-direct"  # application_name of the connections made to DATABASE_DIRECT_URL
 ORIGIN = {"Origin": "https://shop.example"}
-
-
-@pytest.fixture(scope="session")
-def bouncer(servers: DevServers) -> Iterator[PgBouncer]:
-    """One PgBouncer in front of the test Postgres for the whole session (each test's
-    database gets its own pool in it)."""
-    try:
-        find_pgbouncer()
-    except DevStackError as exc:
-        missing(f"{exc}: the tests of the PgBouncer layout need it")
-    with pgbouncer(servers.database_url, pool_size=SERVER_CONNECTIONS, log=lambda _: None) as b:
-        yield b
 
 
 def with_application_name(url: str, name: str) -> str:

@@ -1,6 +1,7 @@
 """REDIS_CLUSTER=true: every process on a real Redis Cluster (devstack.redis_cluster, three
 primaries with a replica each) keeps the promises it keeps on one Redis, and never sends a
-command whose keys span two slots.
+command whose keys span two slots — on the cluster alone, and on the whole scaled-out layout
+(the cluster, four stream partitions, Postgres behind PgBouncer).
 
 The promises are proven by the very tests that prove them on one Redis, called here with the
 cluster's settings (this module's ``settings`` fixture, which ``pool``, ``redis`` and the
@@ -28,7 +29,7 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 from widget_identity_client.events import EventConsumer
 
-from devstack import ThrowawayCluster
+from devstack import PgBouncer, ThrowawayCluster
 from services import all_in_one
 from shared.bus.relay import mark_key
 from shared.config import Settings
@@ -51,9 +52,26 @@ from tests.support.server import Api, eventually, running
 from tests.support.tokens import OrgFixture, mint_contact_token, provision_org
 
 
-@pytest.fixture
-def settings(database_url: str, redis_cluster: ThrowawayCluster) -> Settings:
-    return settings_for(database_url, redis_cluster.seed_url).with_overrides(redis_cluster=True)
+@pytest.fixture(params=["cluster", "scaled-out"])
+def settings(
+    request: pytest.FixtureRequest, database_url: str, redis_cluster: ThrowawayCluster
+) -> Settings:
+    """Each promise on two layouts: one Redis Cluster, and the whole scaled-out layout —
+    the cluster with the events in four partitions, and Postgres behind PgBouncer in
+    transaction mode (the direct URL for the relay's and migrations' sessions)."""
+    settings = settings_for(database_url, redis_cluster.seed_url).with_overrides(
+        redis_cluster=True
+    )
+    if request.param == "scaled-out":
+        bouncer: PgBouncer = request.getfixturevalue("bouncer")
+        settings = settings.with_overrides(
+            stream_partitions=4,
+            consumer_lease_seconds=2.0,
+            database_url=bouncer.url_for(database_url),
+            database_direct_url=database_url,
+            database_pool_mode="transaction",
+        )
+    return settings
 
 
 @pytest.fixture(autouse=True)
@@ -216,9 +234,10 @@ async def test_a_login_merge_goes_through_the_relay_and_the_consumer_group_once(
         settings, pool
     )
     # The relay's mark sits on its stream's slot (a failover loses both or neither).
-    stream = settings.event_streams[0]
-    assert await redis.get(mark_key(stream)) is not None
-    assert redis.keyslot(mark_key(stream)) == redis.keyslot(stream)
+    marked = [s for s in settings.event_streams if await redis.get(mark_key(s)) is not None]
+    assert marked
+    for stream in marked:
+        assert redis.keyslot(mark_key(stream)) == redis.keyslot(stream)
 
 
 async def test_the_same_merge_delivered_twice_has_one_effect(

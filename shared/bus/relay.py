@@ -196,7 +196,7 @@ class OutboxRelay:
         """Publish the oldest unpublished rows; raise ``StreamLost`` (publishing nothing as
         far as Postgres is concerned) when Redis turns out to have lost earlier writes."""
         async with conn.transaction():
-            if len(self.owned) == len(self._streams) == 1:
+            if len(self._streams) == 1:
                 rows = await conn.fetch(
                     """SELECT id, stream, payload FROM outbox
                        WHERE published_at IS NULL ORDER BY id LIMIT $1""",
@@ -204,7 +204,8 @@ class OutboxRelay:
                 )
             else:
                 # Only this relay's partitions (few rows wait unpublished: the partial
-                # index's short tail is filtered). Rows of a stream outside the configured
+                # index's short tail is filtered); every configured one when called without
+                # leading (a tool, a test). Rows of a stream outside the configured
                 # partitions wait for the relay of a deployment that has it (changing the
                 # partition count: docs/architecture.md, "Partitions").
                 rows = await conn.fetch(
@@ -212,7 +213,7 @@ class OutboxRelay:
                        WHERE published_at IS NULL AND stream = ANY($2::text[])
                        ORDER BY id LIMIT $1""",
                     self._batch,
-                    self.owned,
+                    self.owned or list(self._streams),
                 )
             if not rows:
                 OUTBOX_BACKLOG.set(0)
