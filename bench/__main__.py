@@ -5,7 +5,8 @@ Starts private Postgres and Redis, the all-in-one server and the floor server (b
 as separate processes, each on its own freshly migrated database; provisions both through
 their APIs, then drives each path with wrk (bench/wrk.py) when installed, else the Python
 generator (bench/load.py) (bench/paths.py). Under each HTTP row, the CPU each process spent
-per request inside the measured window. Then the merge consumer (bench/merges.py) and the
+per request inside the measured window. Then the merge consumers (bench/merges.py: 1, 2 and 4
+stream partitions with as many consumer processes, each count on its own database) and the
 growth section (bench/growth.py: 10^4..10^6 rows, index use of every hot query). Targets are
 printed next to the figures; nothing here asserts, because shared machines are noisy: read
 the table. ``--quick`` keeps the whole run under five minutes.
@@ -26,12 +27,26 @@ from bench.stack import prepare
 from devstack import dev_servers
 
 
+def partition_counts(text: str) -> tuple[int, ...]:
+    """``--partitions 1,2,4``: distinct counts, each 1..1024 (STREAM_PARTITIONS' range)."""
+    try:
+        counts = tuple(dict.fromkeys(int(part) for part in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of counts: {text!r}"
+        ) from None
+    if not counts or not all(1 <= n <= 1024 for n in counts):
+        raise argparse.ArgumentTypeError(f"each count must be 1..1024: {text!r}")
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__)
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="short runs, growth at 10^4 and 10^5 only, a smaller merge backlog (< 5 minutes)",
+        help="short runs, growth at 10^4 and 10^5 only, less merge work per partition count"
+        " (< 5 minutes)",
     )
     parser.add_argument("--duration", type=float, help="seconds per measured run (10; quick 3)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds per run (2; quick 1)")
@@ -40,6 +55,13 @@ def main() -> None:
     parser.add_argument("--skip-merge", action="store_true")
     parser.add_argument(
         "--skip-pooling", action="store_true", help="skip the session path through PgBouncer"
+    )
+    parser.add_argument(
+        "--partitions",
+        type=partition_counts,
+        default=(1, 2, 4),
+        metavar="N,N,...",
+        help="merge section: stream partition counts, each with as many consumers (1,2,4)",
     )
     parser.add_argument("--skip-growth", action="store_true")
     parser.add_argument(
@@ -106,11 +128,13 @@ def main() -> None:
             for line in asyncio.run(run_pooling(args, env, workdir)):
                 print(line, flush=True)
         if not args.skip_merge:
-            from bench.merges import run_merges
+            from bench.merges import FULL, QUICK, run_merges
 
-            print("merge consumer:", flush=True)
-            backlog = 10_000 if args.quick else 100_000
-            for line in asyncio.run(run_merges(env, workdir, backlog=backlog)):
+            print("merge consumers, N stream partitions with N consumer processes:", flush=True)
+            # A fresh database per count: one count's leases and merges never meet another's.
+            envs = {n: prepare(servers) for n in args.partitions}
+            scale = QUICK if args.quick else FULL
+            for line in asyncio.run(run_merges(envs, workdir, scale)):
                 print(line, flush=True)
         if not args.skip_growth:
             from bench.growth import run_growth

@@ -127,7 +127,7 @@ async def run_http(
 ) -> list[str]:
     app_port, floor_port = free_port(), free_port()
     base, floor = f"http://127.0.0.1:{app_port}", f"http://127.0.0.1:{floor_port}"
-    stream = Settings.from_env(env).events_stream
+    streams = Settings.from_env(env).event_streams
     floor_key, floor_widget = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     lines = [f"  (load generator: {'wrk' if use_wrk(args) else 'bench/load.py (Python)'})"]
     with (
@@ -161,7 +161,7 @@ async def run_http(
 
         async def measure(server: int, spec: dict[str, Any]) -> Window:
             # The previous run's events must not be relayed and consumed in this window.
-            if not await settle(env["DATABASE_URL"], env["REDIS_URL"], stream):
+            if not await settle(env["DATABASE_URL"], env["REDIS_URL"], streams):
                 lines.append("  (warning: events of the previous run still pending)")
             full = {**common, **spec}
             measured = {"server": server, **shared}

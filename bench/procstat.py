@@ -66,6 +66,16 @@ def cpu_sample(roots: Mapping[str, int]) -> dict[str, float]:
     return {name: cpu_seconds(pid, children) for name, pid in roots.items()}
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all the machine's cores have been busy so far (``/proc/stat``: everything
+    but idle and iowait), whoever ran: what a window's own processes did not use of it went to
+    someone else's."""
+    first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    # user nice system idle iowait irq softirq steal; guest time is already inside user/nice.
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
 def rss_bytes(pids: Iterable[int]) -> int:
     """Resident set size (VmRSS) summed over ``pids``."""
     total = 0

@@ -6,13 +6,14 @@ window (the soak samples memory with them)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +102,12 @@ async def run_load(
     return Window(result, ended - began, {k: after[k] - before[k] for k in roots})
 
 
-async def settle(database_url: str, redis_url: str, stream: str, limit: float = 60.0) -> bool:
-    """Wait until the outbox is published and every consumer group has caught up, so one
-    run's events are not processed (and their CPU counted) inside the next run's window.
-    False if still busy after ``limit`` seconds."""
+async def settle(
+    database_url: str, redis_url: str, streams: Sequence[str], limit: float = 60.0
+) -> bool:
+    """Wait until the outbox is published and every consumer group has caught up on every
+    partition's stream, so one run's events are not processed (and their CPU counted) inside
+    the next run's window. False if still busy after ``limit`` seconds."""
     conn = await asyncpg.connect(database_url)
     redis = aioredis.Redis.from_url(redis_url)
     deadline = time.monotonic() + limit
@@ -113,10 +116,10 @@ async def settle(database_url: str, redis_url: str, stream: str, limit: float = 
             unpublished = await conn.fetchval(
                 "SELECT count(*) FROM outbox WHERE published_at IS NULL"
             )
-            try:
-                groups = await redis.xinfo_groups(stream)
-            except ResponseError:  # no stream yet: nothing to consume
-                groups = []
+            groups = []
+            for stream in streams:
+                with contextlib.suppress(ResponseError):  # no stream yet: nothing to consume
+                    groups += await redis.xinfo_groups(stream)
             if unpublished == 0 and all(
                 g["pending"] == 0 and g["lag"] in (0, None) for g in groups
             ):
