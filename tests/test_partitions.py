@@ -254,6 +254,12 @@ async def test_a_process_that_lost_its_partition_applies_nothing_more_of_it(
     with pytest.raises(LeaseLost):
         async with pool.acquire() as conn, conn.transaction():
             await lease.fence(conn)
+    # A member gone for good (a pod that never came back under its name) is forgotten.
+    await pool.execute(
+        "UPDATE consumer_members SET seen_at = now() - interval '2 days' WHERE member = 'old'"
+    )
+    await new.acquire(PARTITIONS)
+    assert await pool.fetchval("SELECT array_agg(member) FROM consumer_members") == ["new"]
 
 
 async def test_a_partition_s_dead_letters_stay_beside_it_and_replay_into_it(

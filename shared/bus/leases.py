@@ -100,9 +100,13 @@ class PartitionLeases:
         if wanted <= 0:
             return {}
         # Every partition has its row first (its own statement: rows a CTE inserts are not
-        # visible to the rest of the statement).
+        # visible to the rest of the statement). Members long dead (a pod that crashed and
+        # never came back under its name) are forgotten here, where the survivors look.
         await self._pool.execute(
-            """INSERT INTO partition_leases (consumer_group, partition)
+            """WITH gone AS (
+                   DELETE FROM consumer_members
+                   WHERE consumer_group = $1 AND seen_at < now() - interval '1 day')
+               INSERT INTO partition_leases (consumer_group, partition)
                SELECT $1, p FROM generate_series(0, $2 - 1) AS p
                ON CONFLICT DO NOTHING""",
             self.group,
