@@ -59,9 +59,7 @@ def settings(
     """Each promise on two layouts: one Redis Cluster, and the whole scaled-out layout —
     the cluster with the events in four partitions, and Postgres behind PgBouncer in
     transaction mode (the direct URL for the relay's and migrations' sessions)."""
-    settings = settings_for(database_url, redis_cluster.seed_url).with_overrides(
-        redis_cluster=True
-    )
+    settings = settings_for(database_url, redis_cluster.seed_url).with_overrides(redis_cluster=True)
     if request.param == "scaled-out":
         bouncer: PgBouncer = request.getfixturevalue("bouncer")
         settings = settings.with_overrides(
