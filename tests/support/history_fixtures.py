@@ -18,6 +18,7 @@ from aiohttp import web
 from services.history import app as history
 from shared.bus.events import EVENT_FIELD, HistoryMergeRequested, MergeRequestedData, encode_event
 from shared.bus.outbox import Outbox
+from shared.bus.partitions import stream_of
 from shared.config import Settings
 from shared.identity.api_keys import generate_api_key
 from shared.service import service_app
@@ -245,10 +246,12 @@ async def emit_merge_requests(
 async def publish(
     redis: aioredis.Redis, settings: Settings, events: Iterable[HistoryMergeRequested]
 ) -> None:
-    """Put events straight on the stream (to deliver one event several times)."""
+    """Put events straight on their subject's partition (to deliver one event several
+    times)."""
     pipe = redis.pipeline(transaction=False)
     for event in events:
-        pipe.xadd(settings.event_streams[0], {EVENT_FIELD: encode_event(event)})
+        stream = stream_of(event.subject, settings.event_streams)
+        pipe.xadd(stream, {EVENT_FIELD: encode_event(event)})
     await pipe.execute()
 
 
