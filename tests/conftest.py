@@ -44,6 +44,15 @@ def servers() -> Iterator[DevServers]:
         yield started
 
 
+@pytest.fixture
+def no_cross_slot(redis_cluster: ThrowawayCluster) -> Iterator[None]:
+    """Fails the test if any node of the cluster answered CROSSSLOT while it ran (INFO
+    errorstats); the cluster tests use it on every test."""
+    before = redis_cluster.error_counts("CROSSSLOT")
+    yield
+    assert redis_cluster.error_counts("CROSSSLOT") == before, "a node answered CROSSSLOT"
+
+
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[ThrowawayCluster]:
     """A private Redis Cluster (three primaries, a replica each), started once per run by the

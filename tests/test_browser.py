@@ -28,7 +28,8 @@ from services.token_issuance.signing_keys import sign_contact_token
 from shared.config import SETTINGS, Settings
 from shared.web.openapi import build_document
 from tests.support.browser import START, Site, chromium, site_for, unavailable
-from tests.support.server import Api, eventually, running
+from tests.support.journeys import until_merge_done
+from tests.support.server import Api, running
 from tests.support.tokens import OrgFixture, provision_org
 
 if TYPE_CHECKING:  # at run time the browser fixture imports it, or skips with the reason
@@ -158,11 +159,7 @@ async def test_an_anonymous_chat_follows_the_visitor_who_logs_in(
     merge = verified["merge"]
     assert merge is not None and merge["status"] == "pending"
 
-    async def merged() -> bool:
-        reply = await env.api.get(f"/v1/merges/{merge['id']}", token=env.org.api_key)
-        return reply.status == 200 and reply.json["status"] == "done"
-
-    await eventually(merged, timeout=30)
+    await until_merge_done(env.api, env.org, merge["id"], timeout=30)
     assert await seen(page) == {"my order is late"}
 
 

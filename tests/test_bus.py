@@ -44,6 +44,7 @@ from tests.support.bus import (
     background,
     create_effects,
     emit_visitor_events,
+    start_bus_worker,
     until_applied,
 )
 from tests.support.bus_worker import GROUP, effect_handler
@@ -635,24 +636,9 @@ async def test_consumer_killed_mid_batch_applies_every_event_exactly_once(
     total = 3000
     await emit_visitor_events(effects, settings, [f"v{i}" for i in range(total)])
     await publish_all(settings, effects, redis, total)
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "STREAM_PREFIX": settings.stream_prefix,
-        "HANDLER_DELAY_MS": "2",
-        "CLAIM_IDLE_MS": "300",
-        "LOG_JSON": "false",
-        "RELAY_ENABLED": "false",
-    }
 
     def start(name: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tests.support.bus_worker"],
-            env={**env, "CONSUMER_NAME": name},
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-        )
+        return start_bus_worker(settings, name)
 
     for round_ in range(3):
         victim = start(f"victim-{round_}")

@@ -35,7 +35,7 @@ from tests.support.history_fixtures import (
     merge_request,
     publish,
 )
-from tests.support.journeys import chat_anonymously, log_in
+from tests.support.journeys import chat_anonymously, log_in, until_merge_done
 from tests.support.server import Api, eventually, running
 from tests.support.tokens import mint_contact_token, provision_org
 
@@ -160,12 +160,15 @@ async def test_promise_4_the_same_merge_delivered_twice_has_one_effect(
 
 
 def drained(redis: aioredis.Redis, settings: Settings) -> Any:
-    """True once the history group has read every entry of the stream and acked it."""
+    """True once the history group has read every entry of every partition and acked it."""
 
     async def check() -> bool:
-        groups = {g["name"]: g for g in await redis.xinfo_groups(settings.event_streams[0])}
-        group = groups.get(GROUP.encode())
-        return group is not None and group["pending"] == 0 and group["lag"] == 0
+        for stream in settings.event_streams:
+            groups = {g["name"]: g for g in await redis.xinfo_groups(stream)}
+            group = groups.get(GROUP.encode())
+            if group is None or group["pending"] != 0 or group["lag"] != 0:
+                return False
+        return True
 
     return check
 
@@ -477,11 +480,7 @@ async def test_promise_4_end_to_end_a_login_merges_what_the_browser_said_and_und
         merge = login.body["merge"]
         assert merge is not None and merge["status"] == "pending"
 
-        async def merged() -> bool:
-            reply = await api.get(f"/v1/merges/{merge['id']}", token=org.api_key)
-            return reply.status == 200 and reply.body["status"] == "done"
-
-        await eventually(merged, timeout=15)
+        await until_merge_done(api, org, merge["id"], timeout=15)
         contact = minted["contactId"]
         history_reply = await api.get(f"/v1/contacts/{contact}/history", token=org.api_key)
         [conversation] = history_reply.body["conversations"]

@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import uuid
 
 import asyncpg
@@ -35,6 +34,7 @@ from tests.support.bus import (
     create_effects,
     emit_visitor_events,
     some_more_applied,
+    start_bus_worker,
     until_applied,
 )
 from tests.support.bus_worker import GROUP, effect_handler
@@ -181,26 +181,8 @@ async def test_consumers_scaled_1_3_1_mid_load_apply_every_event_once_in_subject
 async def test_a_killed_consumer_s_partitions_are_taken_over_with_nothing_lost_or_reordered(
     partitioned: Settings, effects: asyncpg.Pool, redis: aioredis.Redis
 ) -> None:
-    env = {
-        **os.environ,
-        "DATABASE_URL": partitioned.database_url,
-        "REDIS_URL": partitioned.redis_url,
-        "STREAM_PREFIX": partitioned.stream_prefix,
-        "STREAM_PARTITIONS": str(PARTITIONS),
-        "CONSUMER_LEASE_SECONDS": "2",
-        "HANDLER_DELAY_MS": "2",
-        "CLAIM_IDLE_MS": "300",
-        "LOG_JSON": "false",
-        "RELAY_ENABLED": "false",
-    }
-
     def start(name: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tests.support.bus_worker"],
-            env={**env, "CONSUMER_NAME": name},
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-        )
+        return start_bus_worker(partitioned, name)
 
     load = Load(effects, partitioned, subjects=60)
     survivor, victim = start("survivor"), start("victim")

@@ -31,7 +31,7 @@ from shared.db import create_pool
 from tests import test_partitions
 from tests.conftest import SERVER_CONNECTIONS
 from tests.support.bus import create_effects
-from tests.support.journeys import chat_anonymously, log_in
+from tests.support.journeys import chat_anonymously, log_in, until_merge_done
 from tests.support.server import eventually, running
 from tests.support.tokens import mint_contact_token, provision_org
 
@@ -100,13 +100,9 @@ async def test_a_login_merges_the_browsers_history_once_relayed_over_the_direct_
         merge = login.body["merge"]
         assert merge is not None and merge["status"] == "pending"
 
-        async def merged() -> bool:
-            reply = await api.get(f"/v1/merges/{merge['id']}", token=org.api_key)
-            return reply.status == 200 and reply.body["status"] == "done"
-
         # The overdue-merges worker waits a minute: done before that is the consumer's work,
         # from the event the relay published.
-        await eventually(merged, timeout=15)
+        await until_merge_done(api, org, merge["id"], timeout=15)
         contact = minted["contactId"]
         history = await api.get(f"/v1/contacts/{contact}/history", token=org.api_key)
         assert [c["id"] for c in history.body["conversations"]] == [chat.conversation_id]

@@ -19,7 +19,7 @@ moved while it ran (``no_cross_slot``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -46,10 +46,13 @@ from tests import (
 )
 from tests.conftest import settings_for
 from tests.support.history_fixtures import Org, history_app, make_org
-from tests.support.journeys import chat_anonymously, log_in
+from tests.support.journeys import chat_anonymously, log_in, until_merge_done
 from tests.support.replicas import Replicas, two_replicas
 from tests.support.server import Api, eventually, running
 from tests.support.tokens import OrgFixture, mint_contact_token, provision_org
+
+# Every test here fails if a node answered CROSSSLOT while it ran.
+pytestmark = pytest.mark.usefixtures("no_cross_slot")
 
 
 @pytest.fixture(params=["cluster", "scaled-out"])
@@ -70,13 +73,6 @@ def settings(
             database_pool_mode="transaction",
         )
     return settings
-
-
-@pytest.fixture(autouse=True)
-def no_cross_slot(redis_cluster: ThrowawayCluster) -> Iterator[None]:
-    before = redis_cluster.error_counts("CROSSSLOT")
-    yield
-    assert redis_cluster.error_counts("CROSSSLOT") == before, "a node answered CROSSSLOT"
 
 
 @pytest.fixture
@@ -311,11 +307,7 @@ async def test_everything_carries_on_after_every_primary_failed_over(
     assert login.status == 200, login.body
     merge_id = login.body["merge"]["id"]
 
-    async def merged() -> bool:
-        reply = await api.get(f"/v1/merges/{merge_id}", token=org.api_key)
-        return reply.status == 200 and reply.body["status"] == "done"
-
-    await eventually(merged, timeout=20)
+    await until_merge_done(api, org, merge_id, timeout=20)
     # B's revocation listener is back on a node: a revocation reaches it within a second.
     await eventually(lambda: _listening(replicas), timeout=10)
     await test_credential_lifecycle.test_b_caches_an_api_key_so_only_the_broadcast_revokes_it_within_a_second(

@@ -16,8 +16,8 @@ from services import all_in_one
 from services.history.consumers import GROUP
 from shared import tracing
 from shared.config import Settings
-from tests.support.journeys import chat_anonymously, log_in
-from tests.support.server import eventually, running
+from tests.support.journeys import chat_anonymously, log_in, until_merge_done
+from tests.support.server import running
 from tests.support.tokens import mint_contact_token, provision_org
 
 from opentelemetry.sdk.trace import ReadableSpan  # isort: skip
@@ -73,11 +73,7 @@ async def test_a_login_merge_is_one_trace_from_the_request_to_the_consumers_tran
         assert login.status == 200, login.body
         merge_id = login.body["merge"]["id"]
 
-        async def merged() -> bool:
-            reply = await api.get(f"/v1/merges/{merge_id}", token=org.api_key)
-            return reply.status == 200 and reply.body["status"] == "done"
-
-        await eventually(merged, timeout=15)
+        await until_merge_done(api, org, merge_id, timeout=15)
 
     [requested] = await outbox_events(pool, "history.merge_requested")
     assert requested["data"]["mergeId"] == merge_id

@@ -4,10 +4,14 @@ duplicates, events to feed it, workers run in the background, and the order chec
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -16,6 +20,8 @@ from shared.bus.events import VisitorCreated, VisitorCreatedData
 from shared.bus.outbox import Outbox
 from shared.config import Settings
 from tests.support.server import eventually
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 async def create_effects(pool: asyncpg.Pool) -> asyncpg.Pool:
@@ -105,3 +111,29 @@ async def some_more_applied(effects: asyncpg.Pool, more: int = 200) -> None:
         return bool(await effects.fetchval("SELECT count(*) FROM bus_effects") >= start + more)
 
     await eventually(grown, timeout=30)
+
+
+def start_bus_worker(settings: Settings, name: str, **extra: str) -> subprocess.Popen[bytes]:
+    """``tests.support.bus_worker`` as its own process, consumer ``name`` of its group, on
+    ``settings``' database, Redis, prefix and partitions (a 2 ms handler, a 300 ms reclaim,
+    no relay): a process a test can SIGKILL at any instant."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "STREAM_PREFIX": settings.stream_prefix,
+        "STREAM_PARTITIONS": str(settings.stream_partitions),
+        "CONSUMER_LEASE_SECONDS": str(settings.consumer_lease_seconds),
+        "HANDLER_DELAY_MS": "2",
+        "CLAIM_IDLE_MS": "300",
+        "LOG_JSON": "false",
+        "RELAY_ENABLED": "false",
+        "CONSUMER_NAME": name,
+        **extra,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.support.bus_worker"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tests.support.server import Api, Reply
+from tests.support.server import Api, Reply, eventually
 from tests.support.tokens import OrgFixture
 
 
@@ -45,3 +45,14 @@ async def log_in(api: Api, org: OrgFixture, visitor_token: str, contact_token: s
         },
         headers={"Origin": org.origins[0]},
     )
+
+
+async def until_merge_done(api: Api, org: OrgFixture, merge_id: str, *, timeout: float) -> None:
+    """Wait until ``GET /v1/merges/{id}`` says the login's merge is done (its event went
+    through the relay and the merge consumer)."""
+
+    async def done() -> bool:
+        reply = await api.get(f"/v1/merges/{merge_id}", token=org.api_key)
+        return reply.status == 200 and reply.json["status"] == "done"
+
+    await eventually(done, timeout=timeout)
