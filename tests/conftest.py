@@ -130,6 +130,14 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture
+async def effects(pool: asyncpg.Pool) -> asyncpg.Pool:
+    """The test database with ``bus_effects``, which the bus tests' consumers write."""
+    from tests.support.bus import create_effects
+
+    return await create_effects(pool)
+
+
+@pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     from shared.redis import create_redis
 

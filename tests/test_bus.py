@@ -34,7 +34,6 @@ from shared.bus.events import (
 )
 from shared.bus.handlers import Batched, PoisonMessage
 from shared.bus.outbox import Outbox, late
-from shared.bus.relay import OutboxRelay
 from shared.config import Settings
 from shared.db import create_pool
 from shared.redis import Redis, create_redis
@@ -42,8 +41,8 @@ from tests.support.bus import (
     applied_order,
     assert_each_subject_in_sequence,
     background,
-    create_effects,
     emit_visitor_events,
+    relay,
     start_bus_worker,
     until_applied,
 )
@@ -53,15 +52,6 @@ from tests.support.proxy import fault_proxy
 from tests.support.server import eventually
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-async def effects(pool: asyncpg.Pool) -> asyncpg.Pool:
-    return await create_effects(pool)
-
-
-def relay(settings: Settings, redis: aioredis.Redis) -> OutboxRelay:
-    return OutboxRelay(settings, redis, poll_interval=0.1)
 
 
 async def stream_events(redis: aioredis.Redis, settings: Settings) -> list[dict[str, Any]]:

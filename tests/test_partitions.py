@@ -21,18 +21,16 @@ from shared.bus.dead_letters import dead_letters, replay_dead_letters
 from shared.bus.events import EVENT_FIELD, VisitorCreated, header_decoder
 from shared.bus.handlers import PoisonMessage
 from shared.bus.leases import LeaseLost, PartitionLeases
-from shared.bus.outbox import Outbox
 from shared.bus.partitioned_consumer import PartitionedConsumer
 from shared.bus.partitions import partition_of, stream_of
-from shared.bus.relay import OutboxRelay
 from shared.config import Settings
 from tests.support.bus import (
     Load,
     applied_order,
     assert_each_subject_in_sequence,
     background,
-    create_effects,
     emit_visitor_events,
+    relay,
     some_more_applied,
     start_bus_worker,
     until_applied,
@@ -48,15 +46,6 @@ PARTITIONS = 4
 @pytest.fixture
 def partitioned(settings: Settings) -> Settings:
     return settings.with_overrides(stream_partitions=PARTITIONS, consumer_lease_seconds=2.0)
-
-
-@pytest.fixture
-async def effects(pool: asyncpg.Pool) -> asyncpg.Pool:
-    return await create_effects(pool)
-
-
-def relay(settings: Settings, redis: aioredis.Redis) -> OutboxRelay:
-    return OutboxRelay(settings, redis, poll_interval=0.1)
 
 
 def member(
@@ -275,12 +264,6 @@ async def test_a_partition_s_dead_letters_stay_beside_it_and_replay_into_it(
         back = sum(1 for e in listed if e["stream"] == stream)
         assert await redis.xlen(stream) == lengths[stream] + back
     assert await dead_letters(redis, partitioned, GROUP) == []
-
-
-async def test_the_outbox_picks_the_partition_stream_for_a_subject(partitioned: Settings) -> None:
-    outbox = Outbox(partitioned.event_streams)
-    for subject in ("a", "b", "c", "d", "e"):
-        assert outbox.stream_for(subject) == stream_of(subject, partitioned.event_streams)
 
 
 def _subject(raw: bytes | str) -> str:

@@ -20,11 +20,11 @@ from tests.support.bus import (
     applied_order,
     assert_each_subject_in_sequence,
     background,
-    create_effects,
+    relay,
     some_more_applied,
     until_applied,
 )
-from tests.test_partitions import PARTITIONS, member, relay
+from tests.test_partitions import PARTITIONS, member
 
 # Every test here fails if a node answered CROSSSLOT while it ran.
 pytestmark = pytest.mark.usefixtures("no_cross_slot")
@@ -41,11 +41,6 @@ def partitioned(database_url: str, redis_cluster: ThrowawayCluster) -> Settings:
 def settings(partitioned: Settings) -> Settings:
     """What ``pool`` and ``redis`` are made from: the cluster's settings."""
     return partitioned
-
-
-@pytest.fixture
-async def effects(pool: asyncpg.Pool) -> asyncpg.Pool:
-    return await create_effects(pool)
 
 
 def test_the_partitions_spread_over_the_shards(

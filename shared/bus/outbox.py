@@ -22,7 +22,7 @@ import msgspec
 from aiohttp import web
 
 from shared.bus.events import Event
-from shared.bus.partitions import partition_sql, stream_of
+from shared.bus.partitions import partition_sql
 from shared.tracing import current_traceparent
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,6 @@ class Outbox:
         self.streams = (streams,) if isinstance(streams, str) else tuple(streams)
         if not self.streams:
             raise ValueError("an outbox needs at least one stream")
-
-    def stream_for(self, subject: str) -> str:
-        return stream_of(subject, self.streams)
 
     async def emit(
         self,

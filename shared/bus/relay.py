@@ -153,18 +153,22 @@ class OutboxRelay:
     async def _take_free_partitions(self, conn: asyncpg.Connection) -> bool:
         """Lock every partition nobody holds (on ``conn``, for as long as it lives); True if
         this relay now holds any."""
-        taken = []
-        for partition, stream in enumerate(self._streams):
-            if stream in self.owned:
-                continue
-            if len(self._streams) == 1:
-                locked = await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK_KEY)
-            else:
-                locked = await conn.fetchval(
-                    "SELECT pg_try_advisory_lock($1::int, $2::int)", _RELAY_LOCK_KEY, partition
-                )
-            if locked:
-                taken.append(stream)
+        taken: list[str] = []
+        if len(self._streams) == 1:
+            if not self.owned and await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1)", _RELAY_LOCK_KEY
+            ):
+                taken = list(self._streams)
+        else:
+            free = [p for p, stream in enumerate(self._streams) if stream not in self.owned]
+            # One round trip for all of them (each lock tried once, per row).
+            locked = await conn.fetch(
+                """SELECT p FROM unnest($2::int[]) AS p
+                   WHERE pg_try_advisory_lock($1::int, p)""",
+                _RELAY_LOCK_KEY,
+                free,
+            )
+            taken = [self._streams[row["p"]] for row in locked]
         if taken:
             self.owned = [s for s in self._streams if s in self.owned or s in taken]
             log.info("outbox relay leads partitions", extra={"streams": taken})

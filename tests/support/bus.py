@@ -18,10 +18,17 @@ import asyncpg
 
 from shared.bus.events import VisitorCreated, VisitorCreatedData
 from shared.bus.outbox import Outbox
+from shared.bus.relay import OutboxRelay
 from shared.config import Settings
+from shared.redis import Redis
 from tests.support.server import eventually
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def relay(settings: Settings, redis: Redis) -> OutboxRelay:
+    """The real outbox relay, polling every 0.1 s so tests wait little for it."""
+    return OutboxRelay(settings, redis, poll_interval=0.1)
 
 
 async def create_effects(pool: asyncpg.Pool) -> asyncpg.Pool:
