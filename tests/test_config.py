@@ -105,6 +105,9 @@ def test_what_needs_a_session_goes_to_the_direct_url_when_there_is_one() -> None
         ({"DATABASE_POOL_MODE": "statement"}, "DATABASE_POOL_MODE: 'statement' is out of range"),
         # Through a transaction pooler the relay's lock and LISTEN would have no session.
         ({"DATABASE_POOL_MODE": "transaction"}, "DATABASE_DIRECT_URL: required"),
+        ({"STREAM_PARTITIONS": "0"}, "STREAM_PARTITIONS: '0' is out of range"),
+        ({"STREAM_PARTITIONS": "four"}, "STREAM_PARTITIONS: cannot parse"),
+        ({"CONSUMER_LEASE_SECONDS": "0.5"}, "CONSUMER_LEASE_SECONDS: '0.5' is out of range"),
     ],
 )
 def test_a_bad_variable_is_named_in_one_line(env: dict[str, str], names: str) -> None:
